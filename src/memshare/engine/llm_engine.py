@@ -1,0 +1,237 @@
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from memshare.config import EngineConfig
+from memshare.engine.block_manager import BlockManager
+from memshare.engine.model_runner import ModelRunner
+from memshare.engine.scheduler import Scheduler
+from memshare.engine.sequence import Sequence, SequenceStatus
+from memshare.errors import KVCacheTooSmallError, PromptTooLongError
+from memshare.outputs import CompletionOutput, RequestOutput
+from memshare.sampling_params import SamplingParams
+
+logger = logging.getLogger("memshare")
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+
+
+@dataclass(slots=True)
+class EngineStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_steps: int = 0
+    engine_time_s: float = 0.0
+    peak_used_blocks: int = 0
+    finished_requests: int = 0
+
+
+class LLMEngine:
+    """The step loop: schedule, run the model, append sampled tokens, finish and free sequences."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_runner = ModelRunner(config)
+        self.tokenizer = self.model_runner.tokenizer
+        self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.max_model_len = self._max_model_len()
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        self._seq_ids = itertools.count()
+        self._last_log = time.perf_counter()
+
+    def _max_model_len(self) -> int:
+        capacity = self.model_runner.num_kv_blocks * self.config.block_size
+        model_len = self.model_runner.max_position_embeddings
+        requested = self.config.max_model_len
+        if requested is not None and requested > capacity:
+            raise KVCacheTooSmallError(
+                f"max_model_len={requested} needs {-(-requested // self.config.block_size)} KV blocks but the KV "
+                f"cache holds {self.model_runner.num_kv_blocks} (kv_cache_memory={self.config.kv_cache_memory!r}); "
+                "raise kv_cache_memory or lower max_model_len")
+        if requested is not None and requested > model_len:
+            raise PromptTooLongError(f"max_model_len={requested} exceeds the model's context of {model_len}")
+        if requested is None and capacity < model_len:
+            logger.info("max_model_len capped at %d tokens: the whole KV cache (model context %d)",
+                        capacity, model_len)
+        return requested or min(model_len, capacity)
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise a typed error, changing nothing, if this request can never run."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        num = len(prompt_token_ids)
+        if num == 0:
+            raise ValueError("prompt is empty")
+        context = min(self.model_runner.max_position_embeddings, self.config.max_model_len or 1 << 62)
+        if num >= context:
+            raise PromptTooLongError(
+                f"prompt has {num} tokens; the context (max_model_len) is {context} and at least one token "
+                "must be generated")
+        if num >= self.max_model_len:
+            raise KVCacheTooSmallError(
+                f"prompt has {num} tokens but the KV cache holds only {self.max_model_len} tokens "
+                f"({self.model_runner.num_kv_blocks} blocks of {self.config.block_size}); raise kv_cache_memory")
+        vocab = self.model_runner.model.config.get_text_config().vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    prompt_token_ids: list[int] | None = None) -> None:
+        """Queue a request (a prompt string or token ids); raises before queueing anything if it is invalid."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        token_ids = prompt_token_ids or (self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
+        self.validate(token_ids, params)
+        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids))
+        seqs: list[Sequence] = []
+        for index in range(params.n):
+            seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), len(token_ids), params,
+                           max_tokens, cache_salt=None if self.config.enable_prefix_caching else request_id,
+                           fork_parent=seqs[0] if seqs else None)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.model_runner.device).manual_seed(params.seed + index)
+            seq.logprobs = [] if params.logprobs is not None else None
+            seqs.append(seq)
+        self.stats.prompt_tokens += len(token_ids)
+        self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None,
+                                            list(token_ids), seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.abort(request.seqs)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """One engine iteration; returns the requests that finished in it."""
+        start = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.block_manager.num_used_blocks)
+        sampled, tokens, logprobs = self.model_runner.run(batch)
+        for seq, num_new in batch:
+            seq.num_computed_tokens += num_new
+        finished: list[RequestOutput] = []
+        for seq, token, logprob in zip(sampled, tokens, logprobs):
+            self._append_token(seq, token, logprob)
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+                output = self._maybe_finish_request(seq.request_id)
+                if output is not None:
+                    finished.append(output)
+        self.stats.generation_tokens += len(sampled)
+        self.stats.num_steps += 1
+        self.stats.engine_time_s += time.perf_counter() - start
+        self._maybe_log()
+        return finished
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> None:
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+            seq.cumulative_logprob += logprob[token].logprob
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                self._finish(seq, "stop", token)
+            elif token in self.model_runner.eos_token_ids and not params.ignore_eos:
+                self._finish(seq, "stop", None)
+            elif params.stop_strings and self._check_stop_strings(seq):
+                return
+        if not seq.is_finished and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+            self._finish(seq, "length", None)
+
+    def _check_stop_strings(self, seq: Sequence) -> bool:
+        params = seq.params
+        window = max(len(s) for s in params.stop_strings) + 8
+        tail = self.tokenizer.decode(seq.output_token_ids[-window:], skip_special_tokens=params.skip_special_tokens)
+        hit = next((s for s in params.stop_strings if s in tail), None)
+        if hit is None:
+            return False
+        text = self._decode(seq)
+        # The first occurrence in the full text: the tail check only says that one exists.
+        cut = min(text.find(s) + (len(s) if params.include_stop_str_in_output else 0)
+                  for s in params.stop_strings if s in text)
+        self._finish(seq, "stop", hit, text[:cut])
+        return True
+
+    def _decode(self, seq: Sequence) -> str:
+        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None, text: str | None = None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.text = self._decode(seq) if text is None else text
+        seq.status = SequenceStatus.FINISHED
+
+    def _maybe_finish_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests[request_id]
+        if not all(s.is_finished for s in request.seqs):
+            return None
+        del self.requests[request_id]
+        self.stats.finished_requests += 1
+        return self.make_output(request)
+
+    def make_output(self, request: Request) -> RequestOutput:
+        outputs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob if s.logprobs is not None
+                                    else None, s.logprobs, s.finish_reason, s.stop_reason) for s in request.seqs]
+        first = request.seqs[0]
+        ttft = (first.first_token_time - first.arrival_time) if first.first_token_time else 0.0
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
+                             all(s.is_finished for s in request.seqs), first.num_cached_tokens,
+                             {"time_to_first_token_s": ttft,
+                              "latency_s": time.perf_counter() - first.arrival_time})
+
+    def get_stats(self) -> dict[str, float | int]:
+        bm = self.block_manager
+        elapsed = self.stats.engine_time_s
+        return {
+            "num_kv_blocks": bm.num_blocks,
+            "block_size": bm.block_size,
+            "kv_cache_bytes": bm.num_blocks * self.model_runner.block_bytes,
+            "kv_blocks_used": bm.num_used_blocks,
+            "kv_blocks_peak": self.stats.peak_used_blocks,
+            "kv_usage": bm.num_used_blocks / bm.num_blocks,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": bm.prefix_queries,
+            "prefix_cache_hits": bm.prefix_hits,
+            "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
+            "prompt_tokens": self.stats.prompt_tokens,
+            "generation_tokens": self.stats.generation_tokens,
+            "finished_requests": self.stats.finished_requests,
+            "num_steps": self.stats.num_steps,
+            "engine_time_s": elapsed,
+            "generation_tokens_per_s": self.stats.generation_tokens / elapsed if elapsed else 0.0,
+        }
+
+    def _maybe_log(self) -> None:
+        interval = self.config.log_stats_interval
+        now = time.perf_counter()
+        if interval <= 0 or now - self._last_log < interval:
+            return
+        self._last_log = now
+        s = self.get_stats()
+        logger.info("KV usage %.1f%% (%d/%d blocks, peak %d) | running %d, waiting %d | prefix hit rate %.1f%% | "
+                    "preemptions %d | generation %.1f tok/s", 100 * s["kv_usage"], s["kv_blocks_used"],
+                    s["num_kv_blocks"], s["kv_blocks_peak"], s["num_running"], s["num_waiting"],
+                    100 * s["prefix_cache_hit_rate"], s["num_preemptions"], s["generation_tokens_per_s"])

@@ -1,0 +1,100 @@
+import logging
+
+import torch
+
+from memshare.config import EngineConfig, parse_memory
+from memshare.engine.sequence import Sequence
+from memshare.errors import KVCacheTooSmallError
+from memshare.layers.attention import AttentionMetadata, PagedContext, PrefillSpan
+from memshare.layers.sampler import Sampler
+from memshare.models.loader import load_model
+
+logger = logging.getLogger("memshare")
+
+
+class ModelRunner:
+    """Owns the model and the paged KV cache; packs a scheduled batch, runs it, samples."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.block_size = config.block_size
+        self.model, self.tokenizer, self.device = load_model(config)
+        hf = self.model.config.get_text_config()
+        self.num_layers = hf.num_hidden_layers
+        self.num_kv_heads = hf.num_key_value_heads
+        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        self.max_position_embeddings = hf.max_position_embeddings
+        self.num_kv_blocks = config.num_kv_blocks or parse_memory(config.kv_cache_memory) // self.block_bytes
+        if self.num_kv_blocks < 1:
+            raise KVCacheTooSmallError(
+                f"kv_cache_memory={config.kv_cache_memory!r} holds no block of {self.block_bytes} bytes")
+        shape = (self.num_kv_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        dtype = self.model.dtype
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
+                           torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(self.num_layers)]
+        eos = self.model.generation_config.eos_token_id
+        self.eos_token_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
+        self.eos_token_ids.discard(None)
+        self.sampler = Sampler(self.eos_token_ids, lambda t: self.tokenizer.decode([t]))
+
+    @property
+    def block_bytes(self) -> int:
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.model.dtype.itemsize
+
+    def _tensor(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def prepare(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat input ids, positions and attention metadata; decodes (one new token) come first in `batch`."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSpan] = []
+        for seq, num_new in batch:
+            start = seq.num_computed_tokens
+            end = start + num_new
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            num_blocks = -(-end // bs)
+            if num_new == 1:
+                decode_tables.append(table[:num_blocks])
+                decode_lens.append(end)
+                continue
+            mask = None
+            if start:
+                key_pos = torch.arange(end, device=self.device)
+                query_pos = torch.arange(start, end, device=self.device).unsqueeze(1)
+                mask = key_pos.unsqueeze(0) <= query_pos
+            prefills.append(PrefillSpan(len(input_ids) - num_new, len(input_ids), end,
+                                        self._tensor(table[:num_blocks]), mask))
+        width = max((len(t) for t in decode_tables), default=0)
+        tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(len(decode_tables), width)
+        key_pos = torch.arange(width * bs, device=self.device)
+        decode_mask = (key_pos.unsqueeze(0) < self._tensor(decode_lens).unsqueeze(1))[:, None, None, :]
+        meta = AttentionMetadata(self._tensor(slots), len(decode_tables), tables, decode_mask, prefills)
+        return self._tensor(input_ids), self._tensor(positions), meta
+
+    @torch.inference_mode()
+    def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[int], list]:
+        """Run one step; returns the sequences that reached their last token with their sampled tokens."""
+        input_ids, positions, meta = self.prepare(batch)
+        last_rows, sampled = [], []
+        row = 0
+        for seq, num_new in batch:
+            row += num_new
+            if seq.num_computed_tokens + num_new == seq.num_tokens:
+                last_rows.append(row - 1)
+                sampled.append(seq)
+        out = self.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
+                         logits_to_keep=self._tensor(last_rows), paged=PagedContext(self.kv_caches, meta))
+        if not sampled:
+            return [], [], []
+        tokens, logprobs = self.sampler(out.logits[0], sampled)
+        return sampled, tokens, logprobs

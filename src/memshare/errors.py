@@ -1,0 +1,18 @@
+class MemShareError(Exception):
+    """Base class of the errors memshare raises on bad input or configuration."""
+
+
+class UnknownModelError(MemShareError, ValueError):
+    """The model is neither a registered short name, a Hugging Face directory, nor a GGUF file."""
+
+
+class ChecksumError(MemShareError):
+    """A registered model file does not match its pinned sha256."""
+
+
+class PromptTooLongError(MemShareError, ValueError):
+    """The prompt does not fit the model's context (`max_model_len`)."""
+
+
+class KVCacheTooSmallError(MemShareError, ValueError):
+    """The KV-cache budget cannot hold even one request of the given size."""

@@ -1,0 +1,93 @@
+"""Paged attention plugged into Hugging Face model classes through transformers' attention registry.
+
+The model runs on a flat batch: every scheduled token of every sequence in one row. Each layer first
+writes the new keys and values into their cache slots, then every query attends to its own sequence's
+context read through the block table. Writing before reading lets a sequence attend to blocks another
+sequence of the same batch is filling (a prefix-cache hit or a fork in the same step).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTN_IMPLEMENTATION = "memshare_paged"
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    query_start: int
+    query_end: int
+    context_len: int
+    block_table: torch.Tensor
+    mask: torch.Tensor | None  # None: plain causal attention over a prompt with nothing cached
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
+    num_decodes: int  # the first num_decodes tokens are single-token decodes
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
+    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_blocks * block_size], True where attended
+    prefills: list[PrefillSpan]
+
+
+@dataclass(slots=True)
+class PagedContext:
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
+    metadata: AttentionMetadata
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """[..., blocks * block_size, kv_heads, head_dim] view of a sequence's cache blocks (copied, contiguous)."""
+    blocks = cache.index_select(0, block_table.flatten())
+    return blocks.view(*block_table.shape[:-1], -1, *cache.shape[2:])
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [B, heads, head_dim] for B single-token decodes -> [B, heads, head_dim]."""
+    keys = _gather(k_cache, meta.decode_block_tables).transpose(1, 2)
+    values = _gather(v_cache, meta.decode_block_tables).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask,
+                                         scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      span: PrefillSpan, scale: float) -> torch.Tensor:
+    """q: [n, heads, head_dim] for n consecutive tokens of one sequence -> [n, heads, head_dim]."""
+    keys = _gather(k_cache, span.block_table)[: span.context_len].transpose(0, 1)
+    values = _gather(v_cache, span.block_table)[: span.context_len].transpose(0, 1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=span.mask,
+                                         is_causal=span.mask is None, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None,
+                            dropout: float = 0.0, paged: PagedContext | None = None, **kwargs):
+    """transformers attention function: query [1, heads, T, d], key/value [1, kv_heads, T, d] after RoPE."""
+    if paged is None:
+        raise RuntimeError("memshare paged attention called without a PagedContext (run the model via memshare)")
+    k_cache, v_cache = paged.kv_caches[module.layer_idx]
+    meta = paged.metadata
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
+    q = query[0].transpose(0, 1)  # [T, heads, d]
+    scale = scaling if scaling is not None else head_dim**-0.5
+    if not meta.prefills:
+        return decode_attention(q, k_cache, v_cache, meta, scale).unsqueeze(0), None
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        out[: meta.num_decodes] = decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+    for span in meta.prefills:
+        out[span.query_start : span.query_end] = prefill_attention(
+            q[span.query_start : span.query_end], k_cache, v_cache, span, scale)
+    return out.unsqueeze(0), None
+
+
+def register_paged_attention() -> None:
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
