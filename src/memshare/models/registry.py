@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -115,11 +116,35 @@ def fetch_registered(entry: RegisteredModel) -> Path:
     return target
 
 
+def export_hf(entry: RegisteredModel) -> Path:
+    """A float32 safetensors copy of a registered GGUF: loads in seconds instead of re-dequantizing."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "hf" / entry.name
+    done = target / ".sha256"
+    if done.exists() and done.read_text().strip() == entry.sha256:
+        return target
+    gguf = fetch_registered(entry)
+    tmp = target.with_name(target.name + ".partial")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantized to float32; drop the GGUF marker that blocks saving them.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    del model
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.replace(target)
+    done.write_text(entry.sha256)
+    return target
+
+
 def resolve_model(model: str) -> tuple[Path, str | None]:
     """(directory, gguf file name or None) for a short name, a HF directory, or a .gguf file."""
     if model in REGISTRY:
-        path = fetch_registered(REGISTRY[model])
-        return path.parent, path.name
+        return export_hf(REGISTRY[model]), None
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name

