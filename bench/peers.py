@@ -119,14 +119,16 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
             **extra, **os.environ}
 
 
-def _tree_rss(pid: int) -> int:
-    total = 0
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) summed over a process and its descendants; PSS does not count shared pages twice."""
+    rss = pss = 0
     with contextlib.suppress(psutil.Error):
         root = psutil.Process(pid)
         for p in [root, *root.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-    return total
+                info = p.memory_full_info()
+                rss, pss = rss + info.rss, pss + info.pss
+    return rss, pss
 
 
 def run_peer(peer: str, model: str, num_prompts: int = 32,
@@ -140,7 +142,8 @@ def run_peer(peer: str, model: str, num_prompts: int = 32,
     hf_dir = export_hf(model)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     prompts = math500_prompts(tokenizer, num_prompts)
-    python, extra_env = Path(sys.executable), {}
+    python = Path(sys.executable)
+    extra_env: dict[str, str] = {}
     max_model_len = max(1024, max(map(len, prompts)) + MAX_NEW_TOKENS)
     if peer == "vllm":
         python = ensure_vllm_venv()
@@ -156,14 +159,14 @@ def run_peer(peer: str, model: str, num_prompts: int = 32,
         load = os.getloadavg()[0]
         cmd = [python, BENCH / "peer_worker.py", spec_path, result_path]
         env = _env(extra_env)
-        child = subprocess.Popen(cmd, env=env)
+        # Engine logs go to stderr so that stdout carries only the result JSON.
+        child = subprocess.Popen(cmd, env=env, stdout=sys.stderr)
         # Summed over the process tree, because vLLM runs its engine core and worker as child processes.
-        peak, done = 0, threading.Event()
+        peak, done = [0, 0], threading.Event()
 
         def sample() -> None:
-            nonlocal peak
-            while not done.wait(0.1):
-                peak = max(peak, _tree_rss(child.pid))
+            while not done.wait(0.2):
+                peak[:] = map(max, peak, _tree_memory(child.pid))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -173,7 +176,8 @@ def run_peer(peer: str, model: str, num_prompts: int = 32,
         if code != 0:
             raise RuntimeError(f"peer {peer} exited with status {code}")
         result: dict[str, Any] = json.loads(result_path.read_text())
-    result["peak_rss_mb"] = max(result["peak_rss_mb"], peak / 2**20)
+    result["peak_rss_mb"] = max(result["peak_rss_mb"], peak[0] / 2**20)
+    result["peak_pss_mb"] = peak[1] / 2**20
     # Other load on the 2 cores skews the timings badly (OpenMP threads spin), so keep it with the numbers.
     result.update(num_prompts=num_prompts, loadavg_1m_at_start=load,
                   env={k: v for k, v in env.items() if k in {"OMP_NUM_THREADS", "LD_PRELOAD", *extra_env}

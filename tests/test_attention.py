@@ -1,7 +1,9 @@
 """Paged attention over scattered blocks equals dense causal attention over the same keys and values."""
 
+import pytest
 import torch
 
+from memshare.layers import attention
 from memshare.layers.attention import AttentionMetadata, PrefillSpan, decode_attention, prefill_attention
 
 BLOCK_SIZE, KV_HEADS, HEADS, DIM, NUM_BLOCKS = 4, 2, 6, 8, 32
@@ -28,7 +30,12 @@ def scatter(length: int, generator: torch.Generator, caches: tuple[torch.Tensor,
     return table, k, v
 
 
-def test_paged_attention_matches_dense():
+@pytest.mark.parametrize("path", ["cpu_kernel", "torch"])
+def test_paged_attention_matches_dense(path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(attention, "paged_decode_kernel", lambda: None)
+    else:
+        assert attention.paged_decode_kernel() is not None, "the CPU kernel must compile on this machine"
     generator = torch.Generator().manual_seed(0)
     shape = (NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, DIM)
     caches = (torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
@@ -38,7 +45,7 @@ def test_paged_attention_matches_dense():
     width = max(len(t) for t, _, _ in seqs)
     tables = torch.tensor([t + [0] * (width - len(t)) for t, _, _ in seqs])
     mask = (torch.arange(width * BLOCK_SIZE).unsqueeze(0) >= torch.tensor(lengths).unsqueeze(1)).unsqueeze(1)
-    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), len(seqs), tables, mask, [])
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), len(seqs), tables, torch.tensor(lengths), mask, [])
     q = torch.randn(len(seqs), HEADS, DIM, generator=generator)
     out = decode_attention(q, *caches, meta, DIM**-0.5)
     for row, (n, (_, k, v)) in enumerate(zip(lengths, seqs)):

@@ -77,8 +77,9 @@ class ModelRunner:
         width = max((len(t) for t in decode_tables), default=0)
         tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(len(decode_tables), width)
         key_pos = torch.arange(width * bs, device=self.device)
-        decode_mask = (key_pos.unsqueeze(0) >= self._tensor(decode_lens).unsqueeze(1)).unsqueeze(1)
-        meta = AttentionMetadata(self._tensor(slots), len(decode_tables), tables, decode_mask, prefills)
+        lens = self._tensor(decode_lens)
+        decode_mask = (key_pos.unsqueeze(0) >= lens.unsqueeze(1)).unsqueeze(1)
+        meta = AttentionMetadata(self._tensor(slots), len(decode_tables), tables, lens, decode_mask, prefills)
         return self._tensor(input_ids), self._tensor(positions), meta
 
     @torch.inference_mode()

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from memshare.layers.cpu_kernels import kernel_applies, paged_decode_kernel
+
 ATTN_IMPLEMENTATION = "memshare_paged"
 
 
@@ -29,6 +31,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     num_decodes: int  # the first num_decodes tokens are single-token decodes
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
+    decode_context_lens: torch.Tensor  # [num_decodes]
     decode_mask: torch.Tensor  # [num_decodes, 1, max_blocks * block_size], True where NOT attended
     prefills: list[PrefillSpan]
 
@@ -49,9 +52,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [B, heads, head_dim] for B single-token decodes -> [B, heads, head_dim].
 
-    One bmm per KV head on strided views of the gathered blocks: no copy to a heads-first layout, and
-    none of SDPA's per-call overhead, which dominates at one query token per sequence on CPU.
+    On CPU in float32, the fused kernel; elsewhere one bmm per KV head on strided views of the gathered
+    blocks (no copy to a heads-first layout, none of SDPA's per-call overhead at one query token).
     """
+    if kernel_applies(q, k_cache) and (kernel := paged_decode_kernel()) is not None:
+        return kernel(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
     keys = _gather(k_cache, meta.decode_block_tables)  # [B, L, kv_heads, d]
     values = _gather(v_cache, meta.decode_block_tables)
     num_kv_heads = keys.shape[2]
