@@ -65,6 +65,18 @@ def hf_generate_batch(spec: dict[str, Any], ready: Callable[[], None]) -> tuple[
     return sum(len(r.generated_tokens) for r in outputs), outputs[0].generated_tokens
 
 
+def memshare(spec: dict[str, Any], ready: Callable[[], None]) -> tuple[int, list[int]]:
+    from memshare import LLM, SamplingParams
+
+    prompts: list[list[int]] = spec["prompts"]
+    llm = LLM(model=spec["model_dir"], kv_cache_memory=f"{spec['kv_gib']}GiB", num_threads=spec["threads"],
+              max_num_seqs=len(prompts), log_stats_interval=0)
+    params = SamplingParams(temperature=0, max_tokens=spec["max_new_tokens"], ignore_eos=True)
+    ready()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return sum(len(o.outputs[0].token_ids) for o in outs), outs[0].outputs[0].token_ids
+
+
 def vllm(spec: dict[str, Any], ready: Callable[[], None]) -> tuple[int, list[int]]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -78,7 +90,7 @@ def vllm(spec: dict[str, Any], ready: Callable[[], None]) -> tuple[int, list[int
 
 
 PEERS: dict[str, Callable[[dict[str, Any], Callable[[], None]], tuple[int, list[int]]]] = {
-    "hf_generate": hf_generate, "hf_generate_batch": hf_generate_batch, "vllm": vllm}
+    "memshare": memshare, "hf_generate": hf_generate, "hf_generate_batch": hf_generate_batch, "vllm": vllm}
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
 MAX_NEW_TOKENS = 256
 THREADS = 2
-PEERS = ("hf_generate", "hf_generate_batch", "vllm")
+PEERS = ("memshare", "vllm", "hf_generate", "hf_generate_batch")
 # vLLM CPU defaults, overridable from the caller's environment. "auto" binding reserves a core for the
 # scheduler process, which leaves one OpenMP thread on this 2-core machine. KV space is set by _vllm_kv_gib.
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}
@@ -52,34 +51,6 @@ def math500_prompts(tokenizer: Any, n: int = 32) -> list[list[int]]:
         problems = [json.loads(line)["problem"] for line, _ in zip(f, range(n), strict=False)]
     return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                tokenize=True, return_dict=False)) for p in problems]
-
-
-def export_hf(name: str) -> Path:
-    """The registered GGUF dequantized once to a float32 HF safetensors directory that every engine loads."""
-    from memshare.models.registry import REGISTRY, cache_dir, resolve_model
-
-    out = cache_dir() / "hf" / name
-    done = out / ".sha256"  # the same completion marker as the registry's own export
-    if done.exists() and done.read_text().strip() == REGISTRY[name].sha256:
-        return out
-    directory, gguf = resolve_model(name)
-    if gguf is None:  # the registry already resolves registered names to an exported HF directory
-        return directory
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
-    # The weights are already dequantized; without this save_pretrained refuses a "GGUF-quantized" model.
-    model.hf_quantizer = None
-    model.config.__dict__.pop("quantization_config", None)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(directory, gguf_file=gguf).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
-    done.write_text(REGISTRY[name].sha256)
-    return out
 
 
 def ensure_vllm_venv() -> Path:
@@ -139,18 +110,20 @@ def run_peer(peer: str, model: str, num_prompts: int = 32,
     """
     from transformers import AutoTokenizer
 
-    hf_dir = export_hf(model)
+    from memshare.models.registry import resolve_model
+
+    hf_dir = resolve_model(model)[0]  # registered names resolve to their float32 safetensors export
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     prompts = math500_prompts(tokenizer, num_prompts)
     python = Path(sys.executable)
     extra_env: dict[str, str] = {}
     max_model_len = max(1024, max(map(len, prompts)) + MAX_NEW_TOKENS)
+    kv_gib = _vllm_kv_gib(hf_dir, num_prompts, max_model_len)
     if peer == "vllm":
         python = ensure_vllm_venv()
-        kv_gib = _vllm_kv_gib(hf_dir, num_prompts, max_model_len)
         extra_env = {**VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
     spec = {"peer": peer, "model_dir": str(hf_dir), "prompts": prompts, "pad_id": tokenizer.pad_token_id,
-            "max_new_tokens": MAX_NEW_TOKENS, "threads": THREADS,
+            "max_new_tokens": MAX_NEW_TOKENS, "threads": THREADS, "kv_gib": kv_gib,
             "vllm_args": {**VLLM_ARGS, "max_model_len": max_model_len, **(vllm_args or {})}}
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")

@@ -1,7 +1,6 @@
 import itertools
 import logging
 import os
-from collections.abc import Sequence as SequenceABC
 from typing import Any
 
 from tqdm import tqdm
