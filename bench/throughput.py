@@ -48,8 +48,8 @@ def plot(results: list[dict], path: Path) -> None:
         rows = [r for r in results if r["model"] == model]
         ax.barh([r["engine"] for r in rows], [r["tokens_per_s"] for r in rows],
                 color=["tab:green" if r["engine"] == "memshare" else "tab:gray" for r in rows])
-        ax.set_title(model)
-        ax.set_xlabel("output tokens/s (32 prompts x 256 tokens, 2 threads)")
+        ax.set_title(f"{model}: 32 x 256 tokens, 2 threads", fontsize=9)
+        ax.set_xlabel("output tokens/s")
         ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
