@@ -1,3 +1,4 @@
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from memshare.engine.sequence import Sequence
@@ -47,7 +48,7 @@ class BlockManager:
 
     def _hash_key(self, seq: Sequence, index: int, parent_hash: int | None) -> tuple:
         tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
-        return (parent_hash, tokens, seq.cache_salt)
+        return (parent_hash, tokens)
 
     def get_computed_blocks(self, seq: Sequence) -> list[int]:
         """Cached blocks that hold a prefix of `seq`'s prompt (never its last token, which must be run)."""
@@ -66,7 +67,7 @@ class BlockManager:
         self.prefix_hits += len(hits) * self.block_size
         return hits
 
-    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] = ()) -> bool:
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, computed_blocks: Seq[int] = ()) -> bool:
         """Give `seq` the blocks to hold `num_new_tokens` more tokens; False (and no change) if they don't fit."""
         computed_blocks = list(computed_blocks)
         num_free_computed = sum(1 for b in computed_blocks if self.blocks[b].ref_cnt == 0)
@@ -127,6 +128,8 @@ class BlockManager:
 
     def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         # Only prompt blocks are cached: their content is fixed once the forward pass of this step ran.
+        if not self.enable_prefix_caching or seq.num_computed_tokens >= seq.num_prompt_tokens:
+            return
         num_full = min(num_tokens, seq.num_prompt_tokens) // self.block_size
         parent_hash = None
         for index in range(num_full):

@@ -98,8 +98,7 @@ class LLMEngine:
         seqs: list[Sequence] = []
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), len(token_ids), params,
-                           max_tokens, cache_salt=None if self.config.enable_prefix_caching else request_id,
-                           fork_parent=seqs[0] if seqs else None)
+                           max_tokens, fork_parent=seqs[0] if seqs else None)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.model_runner.device).manual_seed(params.seed + index)
             seq.logprobs = [] if params.logprobs is not None else None

@@ -25,7 +25,6 @@ class Sequence:
     num_prompt_tokens: int
     params: SamplingParams
     max_tokens: int
-    cache_salt: str | None = None
     fork_parent: "Sequence | None" = None
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)

@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 import torch
 
 from memshare.engine.sequence import Sequence
@@ -39,7 +41,7 @@ def _sample_rows(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence],
-              decode: callable) -> list[dict[int, Logprob] | None]:
+              decode: Callable[[int], str]) -> list[dict[int, Logprob] | None]:
     logprobs = logits.log_softmax(dim=1)
     chosen = logprobs.gather(1, tokens.unsqueeze(1))
     ranks = (logprobs > chosen).sum(dim=1) + 1
@@ -62,7 +64,7 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence],
 class Sampler:
     """Turns the last-position logits of each sequence into its next token (and logprobs on request)."""
 
-    def __init__(self, eos_token_ids: set[int], decode: callable) -> None:
+    def __init__(self, eos_token_ids: set[int], decode: Callable[[int], str]) -> None:
         self.eos_token_ids = sorted(eos_token_ids)
         self.decode = decode
 
