@@ -44,8 +44,7 @@ def test_paged_attention_matches_dense(path, monkeypatch):
     seqs = [scatter(n, generator, caches, free) for n in lengths]
     width = max(len(t) for t, _, _ in seqs)
     tables = torch.tensor([t + [0] * (width - len(t)) for t, _, _ in seqs])
-    mask = (torch.arange(width * BLOCK_SIZE).unsqueeze(0) >= torch.tensor(lengths).unsqueeze(1)).unsqueeze(1)
-    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), len(seqs), tables, torch.tensor(lengths), mask, [])
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), len(seqs), tables, torch.tensor(lengths), [])
     q = torch.randn(len(seqs), HEADS, DIM, generator=generator)
     out = decode_attention(q, *caches, meta, DIM**-0.5)
     for row, (n, (_, k, v)) in enumerate(zip(lengths, seqs)):

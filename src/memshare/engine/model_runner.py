@@ -35,7 +35,7 @@ class ModelRunner:
         dtype = self.model.dtype
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(self.num_layers)]
-        if kernel_applies(self.kv_caches[0][0], self.kv_caches[0][0]):
+        if kernel_applies(self.kv_caches[0][0]):
             paged_decode_kernel()  # compile or load now, not in the middle of the first request
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
@@ -79,10 +79,7 @@ class ModelRunner:
                                         self._tensor(table[:num_blocks]), mask))
         width = max((len(t) for t in decode_tables), default=0)
         tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(len(decode_tables), width)
-        key_pos = torch.arange(width * bs, device=self.device)
-        lens = self._tensor(decode_lens)
-        decode_mask = (key_pos.unsqueeze(0) >= lens.unsqueeze(1)).unsqueeze(1)
-        meta = AttentionMetadata(self._tensor(slots), len(decode_tables), tables, lens, decode_mask, prefills)
+        meta = AttentionMetadata(self._tensor(slots), len(decode_tables), tables, self._tensor(decode_lens), prefills)
         return self._tensor(input_ids), self._tensor(positions), meta
 
     @torch.inference_mode()

@@ -32,7 +32,6 @@ class AttentionMetadata:
     num_decodes: int  # the first num_decodes tokens are single-token decodes
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
     decode_context_lens: torch.Tensor  # [num_decodes]
-    decode_mask: torch.Tensor  # [num_decodes, 1, max_blocks * block_size], True where NOT attended
     prefills: list[PrefillSpan]
 
 
@@ -55,16 +54,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     On CPU in float32, the fused kernel; elsewhere one bmm per KV head on strided views of the gathered
     blocks (no copy to a heads-first layout, none of SDPA's per-call overhead at one query token).
     """
-    if kernel_applies(q, k_cache) and (kernel := paged_decode_kernel()) is not None:
+    if kernel_applies(k_cache) and (kernel := paged_decode_kernel()) is not None:
         return kernel(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
     keys = _gather(k_cache, meta.decode_block_tables)  # [B, L, kv_heads, d]
     values = _gather(v_cache, meta.decode_block_tables)
     num_kv_heads = keys.shape[2]
+    padding = torch.arange(keys.shape[1], device=q.device) >= meta.decode_context_lens.unsqueeze(1)
+    padding = padding.unsqueeze(1)  # [B, 1, L]: True past each sequence's context
     q = q.view(q.shape[0], num_kv_heads, -1, q.shape[2]) * scale  # [B, kv_heads, group, d]
     out = torch.empty_like(q)
     for h in range(num_kv_heads):
         scores = torch.bmm(q[:, h], keys[:, :, h].transpose(1, 2))  # [B, group, L]
-        scores.masked_fill_(meta.decode_mask, float("-inf"))
+        scores.masked_fill_(padding, float("-inf"))
         torch.bmm(scores.softmax(dim=-1), values[:, :, h], out=out[:, h])
     return out.flatten(1, 2)
 

@@ -2,7 +2,7 @@
 
 Gathering each sequence's blocks into a dense tensor and then running small batched GEMMs reads the
 context twice and spends most of its time in per-call overhead; this kernel walks the block table and
-reads every key and value once (online over positions, per sequence and KV head, in parallel).
+reads every key and value once, in parallel over (sequence, KV head).
 """
 
 import logging
@@ -93,5 +93,5 @@ def paged_decode_kernel():
     return module.paged_decode
 
 
-def kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype == k_cache.dtype == torch.float32 and k_cache.is_contiguous()
+def kernel_applies(k_cache: torch.Tensor) -> bool:
+    return k_cache.device.type == "cpu" and k_cache.dtype == torch.float32 and k_cache.is_contiguous()
