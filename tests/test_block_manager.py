@@ -83,6 +83,25 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.bm.free(child)
             assert not child.block_table
 
+    @precondition(lambda self: any(s.num_computed_tokens >= 2 * BLOCK_SIZE for s in self.running))
+    @rule(index=st.integers(0, 100), entry=st.integers(0, 100), source=st.integers(0, 100))
+    def share(self, index: int, entry: int, source: int) -> None:
+        candidates = [s for s in self.running if s.num_computed_tokens >= 2 * BLOCK_SIZE]
+        seq = candidates[index % len(candidates)]
+        num_full = seq.num_computed_tokens // BLOCK_SIZE
+        entry = 1 + entry % (num_full - 1)
+        source = source % entry
+        table = seq.block_table
+        if table[entry] == table[source]:
+            with pytest.raises(ValueError, match="already hold"):
+                self.bm.share(seq, entry, source)
+            return
+        duplicate, target = table[entry], table[source]
+        others = sum(b == duplicate for s in self.running for b in s.block_table) - 1
+        assert self.bm.share(seq, entry, source) == target
+        assert table[entry] == target
+        assert (duplicate in self.bm.free_queue) == (others == 0)
+
     @precondition(lambda self: self.running)
     @rule(index=st.integers(0, 100))
     def free(self, index: int) -> None:
@@ -148,3 +167,26 @@ def test_hash_collision_does_not_share(monkeypatch):
     other = make_seq(1, [9, 9, 9, 9, 9])
     bm.hash_to_block[hash(bm._hash_key(other, 0, None))] = block.block_id
     assert bm.get_computed_blocks(other) == []
+
+
+def test_share_frees_the_duplicate_for_reuse_and_checks_its_arguments():
+    bm = BlockManager(4, BLOCK_SIZE)
+    seq = make_seq(0, list(range(9)))
+    assert bm.allocate_slots(seq, 9)
+    seq.num_computed_tokens = 9
+    first, duplicate, tail = seq.block_table
+    with pytest.raises(ValueError, match="source_index < index"):
+        bm.share(seq, 1, 1)
+    with pytest.raises(ValueError, match="source_index < index"):
+        bm.share(seq, 0, 1)
+    with pytest.raises(ValueError, match="not full and computed"):
+        bm.share(seq, 2, 0)  # the block being written
+    assert bm.share(seq, 1, 0) == first
+    assert seq.block_table == [first, first, tail]
+    assert bm.blocks[first].ref_cnt == 2 and bm.blocks[duplicate].ref_cnt == 0
+    other = make_seq(1, list(range(8)))
+    assert bm.allocate_slots(other, 8)  # the two free blocks, the freed duplicate among them
+    assert duplicate in other.block_table and bm.num_free_blocks == 0
+    bm.free(seq)
+    bm.free(other)
+    assert bm.num_free_blocks == 4 and all(b.ref_cnt == 0 for b in bm.blocks)

@@ -32,6 +32,17 @@ def test_greedy_matches_hf_under_preemption(prompts, hf_greedy):
     assert stats["kv_blocks_used"] == 0
 
 
+def test_seeded_samples_survive_preemption(prompts):
+    # A sample recomputed after preemption forks only the prompt of its sibling, never its generated blocks.
+    params = SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=48, ignore_eos=True)
+    batch = [{"prompt_token_ids": p} for p in prompts[:4]]
+    roomy = LLM(model=MODEL, num_kv_blocks=64, log_stats_interval=0).generate(batch, params, use_tqdm=False)
+    tight = LLM(model=MODEL, num_kv_blocks=14, max_model_len=128, log_stats_interval=0)
+    outputs = tight.generate(batch, params, use_tqdm=False)
+    assert tight.stats()["num_preemptions"] > 0
+    assert [[c.token_ids for c in o.outputs] for o in outputs] == [[c.token_ids for c in o.outputs] for o in roomy]
+
+
 def test_chunked_prefill_matches_hf(prompts, hf_greedy):
     llm = LLM(model=MODEL, kv_cache_memory="64MiB", max_num_batched_tokens=24, log_stats_interval=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], GREEDY, use_tqdm=False)

@@ -1,6 +1,8 @@
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+import torch
+
 from memshare.engine.sequence import Sequence
 
 
@@ -19,10 +21,15 @@ class BlockManager:
     A block is referenced once per block-table entry pointing at it. Freed blocks whose content is a
     full prompt block keep their hash in the free queue, so a later request with the same prefix can
     reuse them (automatic prefix caching) until the block is evicted for new content.
+
+    `share` points a full block-table entry at an earlier entry's physical block and releases the duplicate:
+    MemShare's zero-copy reuse. `read_kv` is the read-only view of the cache that similarity measures use.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.block_size = block_size
+        self.kv_caches = kv_caches or []
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Insertion-ordered dict as an LRU free queue: O(1) pop from the front and removal from the middle.
@@ -101,6 +108,35 @@ class BlockManager:
             self._release(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
+
+    def share(self, seq: Sequence, index: int, source_index: int) -> int:
+        """Point `seq.block_table[index]` at the physical block of the earlier entry `source_index`.
+
+        The entry must be a full block whose KV is computed, so nothing will ever be written through it.
+        The duplicate loses this reference (and returns to the free queue if it was the last); no KV moves.
+        Returns the physical block now shared.
+        """
+        table = seq.block_table
+        if not 0 <= source_index < index < len(table):
+            raise ValueError(f"share needs 0 <= source_index < index < {len(table)}, got {source_index}, {index}")
+        if (index + 1) * self.block_size > seq.num_computed_tokens:
+            raise ValueError(f"block {index} of sequence {seq.seq_id} is not full and computed")
+        if table[index] == table[source_index]:
+            raise ValueError(f"entries {source_index} and {index} already hold the same block")
+        duplicate, target = table[index], table[source_index]
+        self._touch(target)
+        table[index] = target
+        self._release(duplicate)
+        return target
+
+    def read_kv(self, block_ids: Seq[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of physical blocks, copied: each [num_layers, len(block_ids), block_size, kv_heads, head_dim]."""
+        if not self.kv_caches:
+            raise RuntimeError("this block manager has no KV cache attached")
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.kv_caches[0][0].device)
+        keys = torch.stack([k.index_select(0, index) for k, _ in self.kv_caches])
+        values = torch.stack([v.index_select(0, index) for _, v in self.kv_caches])
+        return keys, values
 
     def _touch(self, block_id: int) -> None:
         block = self.blocks[block_id]

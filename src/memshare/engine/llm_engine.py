@@ -1,7 +1,7 @@
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,6 +13,7 @@ from memshare.engine.sequence import Sequence, SequenceStatus
 from memshare.errors import KVCacheTooSmallError, PromptTooLongError
 from memshare.outputs import CompletionOutput, RequestOutput
 from memshare.sampling_params import SamplingParams
+from memshare.sharing import make_policy
 
 logger = logging.getLogger("memshare")
 
@@ -33,6 +34,12 @@ class EngineStats:
     engine_time_s: float = 0.0
     peak_used_blocks: int = 0
     finished_requests: int = 0
+    sharing_time_s: float = 0.0
+    # Physical blocks in use vs. blocks the same tables would hold without sharing, sampled once scheduled.
+    peak_logical_blocks: int = 0
+    sum_used_blocks: int = 0
+    sum_logical_blocks: int = 0
+    kv_history: list[tuple[float, int, int]] = field(default_factory=list)  # (engine time, physical, logical)
 
 
 class LLMEngine:
@@ -43,7 +50,9 @@ class LLMEngine:
         self.model_runner = ModelRunner(config)
         self.tokenizer = self.model_runner.tokenizer
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
-                                          config.enable_prefix_caching)
+                                          config.enable_prefix_caching, self.model_runner.kv_caches)
+        self.policy = make_policy(config.share, self.block_manager, lambda t: self.tokenizer.decode([t]),
+                                  self.model_runner.unrotate_keys)
         self.scheduler = Scheduler(config, self.block_manager)
         self.max_model_len = self._max_model_len()
         self.requests: dict[str, Request] = {}
@@ -112,6 +121,9 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
         if request is not None:
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    self.policy.finish(seq)
             self.scheduler.abort(request.seqs)
 
     def has_unfinished_requests(self) -> bool:
@@ -123,7 +135,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        self.stats.peak_used_blocks = max(self.stats.peak_used_blocks, self.block_manager.num_used_blocks)
+        self._record_memory()
         sampled, tokens, logprobs = self.model_runner.run(batch)
         for seq, num_new in batch:
             seq.num_computed_tokens += num_new
@@ -131,15 +143,29 @@ class LLMEngine:
         for seq, token, logprob in zip(sampled, tokens, logprobs):
             self._append_token(seq, token, logprob)
             if seq.is_finished:
+                self.policy.finish(seq)
                 self.scheduler.finish(seq)
                 output = self._maybe_finish_request(seq.request_id)
                 if output is not None:
                     finished.append(output)
+        share_start = time.perf_counter()
+        self.policy.after_step(self.scheduler.running)
+        self.stats.sharing_time_s += time.perf_counter() - share_start
         self.stats.generation_tokens += len(sampled)
         self.stats.num_steps += 1
         self.stats.engine_time_s += time.perf_counter() - start
         self._maybe_log()
         return finished
+
+    def _record_memory(self) -> None:
+        stats = self.stats
+        used = self.block_manager.num_used_blocks
+        logical = used + self.policy.saved_blocks(self.scheduler.running)
+        stats.peak_used_blocks = max(stats.peak_used_blocks, used)
+        stats.peak_logical_blocks = max(stats.peak_logical_blocks, logical)
+        stats.sum_used_blocks += used
+        stats.sum_logical_blocks += logical
+        stats.kv_history.append((stats.engine_time_s, used, logical))
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> None:
         seq.token_ids.append(token)
@@ -221,6 +247,21 @@ class LLMEngine:
             "num_steps": self.stats.num_steps,
             "engine_time_s": elapsed,
             "generation_tokens_per_s": self.stats.generation_tokens / elapsed if elapsed else 0.0,
+            **self._sharing_stats(),
+        }
+
+    def _sharing_stats(self) -> dict[str, float | int]:
+        s = self.stats
+        return {
+            "share_policy": self.config.share.policy,
+            "blocks_shared": 0,
+            "stage1_candidates": 0,
+            "stage2_pairs": 0,
+            **self.policy.stats(),
+            "memory_saved_peak": 1 - s.peak_used_blocks / s.peak_logical_blocks if s.peak_logical_blocks else 0.0,
+            "memory_saved_mean": 1 - s.sum_used_blocks / s.sum_logical_blocks if s.sum_logical_blocks else 0.0,
+            "sharing_time_s": s.sharing_time_s,
+            "sharing_time_share": s.sharing_time_s / s.engine_time_s if s.engine_time_s else 0.0,
         }
 
     def _maybe_log(self) -> None:
@@ -230,7 +271,11 @@ class LLMEngine:
             return
         self._last_log = now
         s = self.get_stats()
+        sharing = ""
+        if s["share_policy"] != "none":
+            sharing = (f" | shared {s['blocks_shared']} blocks, memory saved {100 * s['memory_saved_mean']:.1f}% "
+                       f"(peak {100 * s['memory_saved_peak']:.1f}%)")
         logger.info("KV usage %.1f%% (%d/%d blocks, peak %d) | running %d, waiting %d | prefix hit rate %.1f%% | "
-                    "preemptions %d | generation %.1f tok/s", 100 * s["kv_usage"], s["kv_blocks_used"],
+                    "preemptions %d | generation %.1f tok/s%s", 100 * s["kv_usage"], s["kv_blocks_used"],
                     s["num_kv_blocks"], s["kv_blocks_peak"], s["num_running"], s["num_waiting"],
-                    100 * s["prefix_cache_hit_rate"], s["num_preemptions"], s["generation_tokens_per_s"])
+                    100 * s["prefix_cache_hit_rate"], s["num_preemptions"], s["generation_tokens_per_s"], sharing)

@@ -46,6 +46,22 @@ class ModelRunner:
     def block_bytes(self) -> int:
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.model.dtype.itemsize
 
+    def unrotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cached keys [..., n, kv_heads, head_dim] with the RoPE rotation of `positions` [n] undone.
+
+        Keys are returned unchanged for models without rotary embeddings.
+        """
+        rotary = getattr(self.model.base_model, "rotary_emb", None)
+        if rotary is None:
+            return keys
+        cos, sin = rotary(keys, positions.view(1, -1))
+        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
+        rot, half = cos.shape[-1], cos.shape[-1] // 2
+        head, tail = keys[..., :rot], keys[..., rot:]
+        rotated_half = torch.cat((-head[..., half:], head[..., :half]), dim=-1)
+        # RoPE is x*cos + rotate_half(x)*sin; rotating back by the same angle flips the sign of sin.
+        return torch.cat((head * cos - rotated_half * sin, tail), dim=-1)
+
     def _tensor(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
 

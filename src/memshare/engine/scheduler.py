@@ -62,7 +62,8 @@ class Scheduler:
         parent = seq.fork_parent
         if parent is not None and parent.status is SequenceStatus.RUNNING:
             ready = parent.num_computed_tokens + scheduled.get(parent, 0)
-            num_blocks = min(ready, seq.num_tokens - 1) // self.block_manager.block_size
+            # Only the prompt is common: a sample recomputed after preemption has its own generated tokens.
+            num_blocks = min(ready, seq.num_prompt_tokens, seq.num_tokens - 1) // self.block_manager.block_size
             if num_blocks:
                 self.block_manager.fork(parent, seq, min(num_blocks, len(parent.block_table)))
                 return []
@@ -73,6 +74,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+        seq.num_preemptions += 1
         self.num_preemptions += 1
         return seq
 

@@ -28,7 +28,8 @@ class LLM:
     >>> outs = llm.generate(["Solve 12*13."], SamplingParams(temperature=0, max_tokens=64))
 
     `model` is a registered short name, a Hugging Face model directory, or a .gguf file. Other keyword
-    arguments are `EngineConfig` fields (kv_cache_memory, num_kv_blocks, block_size, max_num_seqs, ...).
+    arguments are `EngineConfig` fields (kv_cache_memory, num_kv_blocks, block_size, max_num_seqs, ...);
+    `share=ShareConfig(policy="memshare", step_threshold=0.9, block_threshold=0.8)` turns on MemShare.
     """
 
     def __init__(self, model: str = "smollm2-135m", **kwargs: Any) -> None:
@@ -39,7 +40,13 @@ class LLM:
         return self.llm_engine.tokenizer
 
     def stats(self) -> dict[str, float | int]:
-        """KV blocks total / used / peak, preemptions, prefix-cache hits, token counts and tokens/s."""
+        """KV blocks total / used / peak, preemptions, prefix-cache hits, token counts, tokens/s, and sharing.
+
+        Sharing: blocks_shared (share operations), stage1_candidates (step pairs passing stage 1),
+        stage2_pairs (block pairs compared in stage 2), affected_ratio (shared entries / generated-region
+        blocks of finished requests), memory_saved_peak / _mean (1 - physical / logical blocks, at the peak
+        and averaged over steps), sharing_time_s and sharing_time_share (of engine time).
+        """
         return self.llm_engine.get_stats()
 
     def generate(self, prompts: Prompt | list[Prompt],

@@ -1,0 +1,42 @@
+"""The hooks the engine calls between steps; the base policy is dense attention (`policy="none"`)."""
+
+from memshare.engine.block_manager import BlockManager
+from memshare.engine.sequence import Sequence
+
+
+def duplicate_entries(seq: Sequence, start: int = 0) -> int:
+    """Entries from `start` on that point at a physical block an earlier entry of the same table holds."""
+    seen = set(seq.block_table[:start])
+    count = 0
+    for block_id in seq.block_table[start:]:
+        count += block_id in seen
+        seen.add(block_id)
+    return count
+
+
+class SharingPolicy:
+    """Dense: never shares. Subclasses edit block tables through the block manager in `after_step`."""
+
+    def __init__(self, block_manager: BlockManager) -> None:
+        self.block_manager = block_manager
+        self.generated_blocks = 0
+        self.affected_blocks = 0
+
+    def after_step(self, running: list[Sequence]) -> None:
+        """Called after every engine step with the running sequences (their new tokens appended)."""
+
+    def finish(self, seq: Sequence) -> None:
+        """Called before a finished or aborted sequence frees its blocks: records its affected blocks."""
+        first_generated = self.first_generated_block(seq)
+        self.generated_blocks += max(len(seq.block_table) - first_generated, 0)
+        self.affected_blocks += duplicate_entries(seq, first_generated)
+
+    def first_generated_block(self, seq: Sequence) -> int:
+        return -(-seq.num_prompt_tokens // self.block_manager.block_size)
+
+    def saved_blocks(self, running: list[Sequence]) -> int:
+        """Blocks the running sequences would hold more without sharing."""
+        return sum(duplicate_entries(seq) for seq in running)
+
+    def stats(self) -> dict[str, float | int]:
+        return {"affected_ratio": self.affected_blocks / self.generated_blocks if self.generated_blocks else 0.0}

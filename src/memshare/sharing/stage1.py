@@ -1,0 +1,74 @@
+"""Stage 1: cheap step-level filter. Bag-of-words vectors over token ids, compared by cosine similarity."""
+
+import math
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from memshare.config import ShareConfig
+
+
+def cosine(a: Counter, b: Counter) -> float:
+    if len(a) > len(b):
+        a, b = b, a
+    dot = sum(count * b.get(token, 0) for token, count in a.items())
+    norms = math.sqrt(sum(c * c for c in a.values())) * math.sqrt(sum(c * c for c in b.values()))
+    return dot / norms if norms else 0.0
+
+
+class StepIndex:
+    """The steps of one sequence as bags of token ids; `candidates` scores a new step against every earlier one."""
+
+    def __init__(self, config: ShareConfig) -> None:
+        self.threshold = config.step_threshold
+        self.max_candidates = config.max_candidate_steps
+        self.bags: list[Counter] = []
+
+    def add(self, bag: Counter) -> int:
+        self.bags.append(bag)
+        return len(self.bags) - 1
+
+    def _pool(self, bag: Counter) -> list[int]:
+        return list(range(len(self.bags)))
+
+    def candidates(self, bag: Counter) -> list[tuple[int, float]]:
+        """(step index, cosine) of earlier steps at or above the threshold, best first, at most max_candidates."""
+        scored = [(i, cosine(bag, self.bags[i])) for i in self._pool(bag)]
+        hits = sorted(((i, s) for i, s in scored if s >= self.threshold), key=lambda item: -item[1])
+        return hits[: self.max_candidates]
+
+
+class LSHStepIndex(StepIndex):
+    """Random-hyperplane LSH: only steps that collide with the new one in some band are scored exactly.
+
+    Each token id gets a fixed random hyperplane coordinate per bit, so a bag's signature is the sign of its
+    count-weighted sum; the chance two bags agree on a bit is 1 - angle / pi, which makes the band buckets
+    a sub-linear pre-filter for cosine similarity on long chains.
+    """
+
+    def __init__(self, config: ShareConfig) -> None:
+        super().__init__(config)
+        self.bands, self.rows, self.seed = config.lsh_bands, config.lsh_rows, config.seed
+        self.buckets: defaultdict[tuple, list[int]] = defaultdict(list)
+        self._planes: dict[int, np.ndarray] = {}
+
+    def _plane(self, token: int) -> np.ndarray:
+        plane = self._planes.get(token)
+        if plane is None:
+            plane = self._planes[token] = np.random.default_rng([self.seed, token]).standard_normal(
+                self.bands * self.rows)
+        return plane
+
+    def _keys(self, bag: Counter) -> list[tuple]:
+        projection = sum((count * self._plane(token) for token, count in bag.items()), np.zeros(self.bands * self.rows))
+        bits = (projection > 0).reshape(self.bands, self.rows)
+        return [(band, row.tobytes()) for band, row in enumerate(bits)]
+
+    def add(self, bag: Counter) -> int:
+        index = super().add(bag)
+        for key in self._keys(bag):
+            self.buckets[key].append(index)
+        return index
+
+    def _pool(self, bag: Counter) -> list[int]:
+        return sorted({i for key in self._keys(bag) for i in self.buckets.get(key, ())})

@@ -1,0 +1,28 @@
+"""Stage 2: precise block-level filter. Normalized Euclidean similarity of cached K and V, per layer.
+
+For blocks A and B, per layer: s_rel(X, Y) = 1 - ||X - Y|| / (||X|| + ||Y||) on the flattened block, taken
+for keys (with RoPE undone, so position does not masquerade as content) and values apart and averaged;
+the similarity is the mean over layers. Flattening all layers into one vector instead lets the larger,
+alike-looking keys dominate and scores unrelated blocks as similar.
+"""
+
+import torch
+
+
+def relative_similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [L, m, F], y [L, n, F] -> [L, m, n] of 1 - ||x - y|| / (||x|| + ||y||)."""
+    distance = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    norms = x.norm(dim=-1).unsqueeze(-1) + y.norm(dim=-1).unsqueeze(-2)
+    return 1 - distance / norms.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def block_similarity(query_keys: torch.Tensor, query_values: torch.Tensor,
+                     keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Similarity [m, n] of m query blocks with n blocks; inputs are [L, blocks, block_size, kv_heads, head_dim]
+    with RoPE already undone on the keys. One vectorized pass over layers, heads and pairs."""
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(2).float()
+
+    key_sim = relative_similarity(flat(query_keys), flat(keys))
+    value_sim = relative_similarity(flat(query_values), flat(values))
+    return ((key_sim + value_sim) / 2).mean(0)
