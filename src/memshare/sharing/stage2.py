@@ -6,7 +6,13 @@ the similarity is the mean over layers. Flattening all layers into one vector in
 alike-looking keys dominate and scores unrelated blocks as similar.
 """
 
+from collections.abc import Callable, Sequence
+
 import torch
+
+from memshare.engine.block_manager import BlockManager
+
+UnrotateKeys = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def relative_similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -26,3 +32,13 @@ def block_similarity(query_keys: torch.Tensor, query_values: torch.Tensor,
     key_sim = relative_similarity(flat(query_keys), flat(keys))
     value_sim = relative_similarity(flat(query_values), flat(values))
     return ((key_sim + value_sim) / 2).mean(0)
+
+
+def read_blocks(block_manager: BlockManager, unrotate_keys: UnrotateKeys, block_ids: Sequence[int],
+                first_positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (RoPE undone) and V of physical blocks whose KV was written from `first_positions` on."""
+    keys, values = block_manager.read_kv(block_ids)
+    bs = block_manager.block_size
+    positions = (torch.tensor(list(first_positions), device=keys.device).unsqueeze(1)
+                 + torch.arange(bs, device=keys.device)).flatten()
+    return unrotate_keys(keys.flatten(1, 2), positions).view_as(keys), values

@@ -1,0 +1,1 @@
+"""Datasets, prompts and math-verify grading shared by the demo, benchmarks and `memshare eval`."""

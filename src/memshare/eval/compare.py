@@ -1,0 +1,94 @@
+"""Run the same problems under several sharing configurations and compare accuracy, memory and speed."""
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from memshare.config import ShareConfig
+from memshare.entrypoints.llm import LLM
+from memshare.eval.datasets import Problem, chat_prompt
+from memshare.eval.grading import is_correct
+from memshare.sampling_params import SamplingParams
+
+MAX_HISTORY_POINTS = 1000
+
+
+@dataclass(slots=True)
+class RunResult:
+    label: str
+    share: dict[str, Any]
+    num_problems: int
+    num_correct: int
+    accuracy: float
+    generation_tokens: int
+    wall_time_s: float
+    tokens_per_s: float
+    stats: dict[str, Any]
+    kv_history: list[tuple[float, int, int]] = field(default_factory=list)  # (engine s, physical, logical)
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_config(label: str, model: str, share: ShareConfig, problems: list[Problem], params: SamplingParams,
+               seed: int | None = 0, **engine_kwargs: Any) -> RunResult:
+    """Generate for every problem in one batch (per-problem seeds `seed + i`), grade, and collect stats."""
+    llm = LLM(model=model, share=share, **engine_kwargs)
+    prompts = [{"prompt_token_ids": chat_prompt(llm.get_tokenizer(), p)} for p in problems]
+    params_list = [replace(params, seed=None if seed is None else seed + i) for i in range(len(problems))]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params_list, use_tqdm=True)
+    wall = time.perf_counter() - start
+    stats = llm.stats()
+    graded = [{"problem_id": p.problem_id, "answer": p.answer, "output": o.outputs[0].text,
+               "num_tokens": len(o.outputs[0].token_ids), "correct": is_correct(o.outputs[0].text, p.answer)}
+              for p, o in zip(problems, outputs)]
+    num_correct = sum(g["correct"] for g in graded)
+    history = llm.llm_engine.stats.kv_history
+    stride = max(1, len(history) // MAX_HISTORY_POINTS)
+    return RunResult(label, asdict(share), len(problems), num_correct, num_correct / len(problems),
+                     stats["generation_tokens"], wall, stats["generation_tokens"] / wall, stats,
+                     history[::stride], graded)
+
+
+def markdown_table(results: list[RunResult]) -> str:
+    """Side-by-side table; ratios are against the first run (the dense baseline)."""
+    base = results[0]
+    rows = ["| run | accuracy | generated tokens | tok/s | × dense | peak KV blocks | preemptions | memory saved "
+            "(peak / mean) | affected ratio | blocks shared | sharing time |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s = r.stats
+        rows.append(f"| {r.label} | {r.accuracy:.1%} ({r.num_correct}/{r.num_problems}) | {r.generation_tokens} | "
+                    f"{r.tokens_per_s:.1f} | {r.tokens_per_s / base.tokens_per_s:.2f} | {s['kv_blocks_peak']} | "
+                    f"{s['num_preemptions']} | {s['memory_saved_peak']:.1%} / {s['memory_saved_mean']:.1%} | "
+                    f"{s['affected_ratio']:.1%} | {s['blocks_shared']} | {s['sharing_time_share']:.2%} |")
+    return "\n".join(rows)
+
+
+def save(results: list[RunResult], out_dir: Path, title: str) -> tuple[Path, Path]:
+    """Write results.json and kv_blocks.png (physical KV blocks in use over engine time, per run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "results.json", out_dir / "kv_blocks.png"
+    json_path.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    fig, (blocks_ax, saved_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for r in results:
+        times = [t for t, _, _ in r.kv_history]
+        blocks_ax.plot(times, [used for _, used, _ in r.kv_history], label=r.label, linewidth=1)
+        saved_ax.plot(times, [1 - used / logical if logical else 0 for _, used, logical in r.kv_history],
+                      label=r.label, linewidth=1)
+    blocks_ax.axhline(results[0].stats["num_kv_blocks"], color="grey", linestyle=":", label="KV budget")
+    blocks_ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use", title=title)
+    saved_ax.set(xlabel="engine time (s)", ylabel="memory saved (1 - physical / logical)",
+                 title="memory saved by sharing")
+    blocks_ax.legend(fontsize=8)
+    saved_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return json_path, png_path
