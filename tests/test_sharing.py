@@ -146,10 +146,14 @@ def test_sharing_is_zero_copy_and_points_earlier(sharing_llm, monkeypatch):
     monkeypatch.setattr(bm, "share", share)
     monkeypatch.setattr(policy, "after_step", after_step)
     shared_before = policy.blocks_shared
-    sharing_llm.generate(PASSAGE * 2, REPEAT, use_tqdm=False)
+    first = sharing_llm.generate(PASSAGE * 2, REPEAT, use_tqdm=False)[0]
     assert shares and policy.blocks_shared - shared_before == len(shares)
     assert all(source < index for index, source in shares)
     assert bm.num_used_blocks == 0 and all(b.ref_cnt == 0 for b in bm.blocks)
+    # Prefix-cache hashes stay truthful: the same prompt again hits the cache and reproduces the output.
+    hits_before = bm.prefix_hits
+    again = sharing_llm.generate(PASSAGE * 2, REPEAT, use_tqdm=False)[0]
+    assert bm.prefix_hits > hits_before and again.outputs[0].token_ids == first.outputs[0].token_ids
     stats = sharing_llm.stats()
     assert 0 < stats["affected_ratio"] <= 1 and stats["memory_saved_mean"] > 0 and stats["sharing_time_s"] > 0
 

@@ -6,17 +6,21 @@ from memshare.engine.sequence import Sequence
 from memshare.outputs import Logprob
 
 
-def _candidates(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+def _candidates(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Temperature, top-k, top-p and min-p on [B, V] logits, vectorized over the batch.
 
-    Returns (probs [B, C], token ids [B, C]) over the C most likely tokens, zero where a filter drops one.
-    C starts at 64 and grows eightfold until it holds every row's top-p mass, so nothing is sorted over the whole
-    vocabulary (a full sort of 64 x 151k logits costs more than the model's forward pass on a CPU).
+    Returns (probs [B, C], token ids [B, C]) over the C most likely tokens, zero where a filter drops one;
+    ids is None when no row uses top-k or top-p (then C = V in vocabulary order). C starts at 64 and grows
+    eightfold until it holds every row's top-p mass, so nothing is sorted over the whole vocabulary (a full
+    sort of 64 x 151k logits costs more than the model's forward pass on a CPU).
     """
     params = [s.params for s in seqs]
     vocab = logits.shape[1]
     temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
     probs = (logits / temps.unsqueeze(1)).softmax(dim=1)
+    min_ps = torch.tensor([p.min_p for p in params], device=logits.device).unsqueeze(1)
+    if all(p.top_k == 0 and p.top_p == 1 for p in params):
+        return probs.masked_fill(probs < probs.max(dim=1, keepdim=True).values * min_ps, 0.0), None
     top_ks = torch.tensor([p.top_k or vocab for p in params], device=logits.device).clamp(max=vocab)
     top_ps = torch.tensor([p.top_p for p in params], device=logits.device)
     if ((top_ks == vocab) & (top_ps == 1)).any():
@@ -32,21 +36,27 @@ def _candidates(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tenso
     kept = values.masked_fill(drop, 0.0)
     total = torch.where(top_ks < vocab, kept.sum(dim=1), torch.ones_like(top_ps))
     drop |= (kept.cumsum(dim=1) - kept) / total.unsqueeze(1) >= top_ps.unsqueeze(1)
-    min_ps = torch.tensor([p.min_p for p in params], device=logits.device)
-    drop |= values < values[:, :1] * min_ps.unsqueeze(1)
-    return values.masked_fill(drop, 0.0), ids
+    drop |= values < values[:, :1] * min_ps
+    # Every filter keeps a prefix of the sorted candidates: trim to the longest one.
+    width = int((~drop).sum(dim=1).max())
+    return values[:, :width].masked_fill(drop[:, :width], 0.0), ids[:, :width]
 
 
 def _sample_rows(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Exponential-race sampling (argmax p/q, q ~ Exp(1)); a seeded sequence draws from its own generator."""
-    noise = torch.empty_like(probs)
-    unseeded = [row for row, seq in enumerate(seqs) if seq.generator is None]
-    if unseeded:
-        noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
+    """Inverse-CDF sampling, one uniform draw per row; a seeded sequence draws from its own generator.
+
+    One draw per step whatever the number of kept candidates keeps a seeded stream aligned even when
+    numerics of another batch shape move a token across the top-p boundary.
+    """
+    uniform = torch.rand(len(seqs), 1, device=probs.device)
     for row, seq in enumerate(seqs):
         if seq.generator is not None:
-            noise[row].exponential_(generator=seq.generator)
-    return (probs / noise).argmax(dim=1)
+            uniform[row] = torch.rand(1, generator=seq.generator, device=probs.device)
+    cdf = probs.cumsum(dim=1)
+    index = (cdf < uniform * cdf[:, -1:]).sum(dim=1)
+    # Never land on a dropped (zero-probability) token past the last kept one.
+    last_kept = probs.shape[1] - 1 - (probs.flip(1) > 0).float().argmax(dim=1)
+    return torch.minimum(index, last_kept)
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence],
@@ -84,7 +94,9 @@ class Sampler:
             tokens = logits.argmax(dim=1)
         else:
             probs, ids = _candidates(logits, seqs)
-            sampled = ids.gather(1, _sample_rows(probs, seqs).unsqueeze(1)).squeeze(1)
+            sampled = _sample_rows(probs, seqs)
+            if ids is not None:
+                sampled = ids.gather(1, sampled.unsqueeze(1)).squeeze(1)
             tokens = torch.where(greedy, logits.argmax(dim=1), sampled)
         logprobs = [None] * len(seqs)
         if any(s.params.logprobs is not None for s in seqs):
