@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="dense vs. MemShare on GSM8K problems: table, JSON and a KV-usage plot")
     add_engine_args(demo)
-    demo.set_defaults(kv_cache_memory="256MiB")
+    demo.set_defaults(kv_cache_memory="128MiB")
     demo.add_argument("--num-problems", type=int, default=16)
     demo.add_argument("--max-tokens", type=int, default=512)
     demo.add_argument("--step-threshold", type=float, default=ShareConfig().step_threshold)
