@@ -1,6 +1,7 @@
 """Dense vs. MemShare at several thresholds on GSM8K, under a KV budget that makes the dense run preempt.
 
     python -m bench.sharing [--model qwen2.5-coder-0.5b] [--num-problems 64] [--kv-cache-memory 256MiB]
+                            [--thresholds 0.9/0.8,0.8/0.8,0.7/0.7]
 
 Every run gets the same problems, prompts and per-problem seeds, in one process one after another.
 Writes docs/bench/sharing/<model>/results.json and kv_blocks.png and prints the Markdown table.
@@ -14,7 +15,7 @@ from memshare.eval.compare import markdown_table, run_config, save
 from memshare.eval.datasets import load_problems
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "bench" / "sharing"
-THRESHOLDS = [(0.9, 0.8), (0.8, 0.8), (0.7, 0.7)]  # (step_threshold, block_threshold)
+THRESHOLDS = "0.9/0.8,0.8/0.8,0.7/0.7"  # step_threshold/block_threshold pairs
 
 
 def main() -> None:
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-memory", default="256MiB")
     parser.add_argument("--max-tokens", type=int, default=2048)
     parser.add_argument("--num-threads", type=int, default=2)
+    parser.add_argument("--thresholds", default=THRESHOLDS, help="comma-separated step/block threshold pairs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     problems = load_problems("gsm8k", args.num_problems)
@@ -31,7 +33,7 @@ def main() -> None:
     engine = {"kv_cache_memory": args.kv_cache_memory, "num_threads": args.num_threads, "log_stats_interval": 30}
     configs = [("dense", ShareConfig())] + [
         (f"memshare {s}/{b}", ShareConfig(policy="memshare", step_threshold=s, block_threshold=b))
-        for s, b in THRESHOLDS]
+        for s, b in (map(float, pair.split("/")) for pair in args.thresholds.split(","))]
     results = []
     for label, share in configs:
         print(f"== {label}", flush=True)
