@@ -57,7 +57,6 @@ class MemSharePolicy(SharingPolicy):
         self.blocks_shared = 0
         self.stage1_candidates = 0
         self.stage2_pairs = 0
-        self.shared_similarities: list[float] = []
 
     def after_step(self, running: list[Sequence]) -> None:
         for seq in running:
@@ -154,4 +153,3 @@ class MemSharePolicy(SharingPolicy):
             if score >= self.config.block_threshold:
                 self.block_manager.share(seq, entry, columns[column])
                 self.blocks_shared += 1
-                self.shared_similarities.append(score)
