@@ -23,13 +23,11 @@ def _candidates(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tenso
         return probs.masked_fill(probs < probs.max(dim=1, keepdim=True).values * min_ps, 0.0), None
     top_ks = torch.tensor([p.top_k or vocab for p in params], device=logits.device).clamp(max=vocab)
     top_ps = torch.tensor([p.top_p for p in params], device=logits.device)
-    if ((top_ks == vocab) & (top_ps == 1)).any():
-        num = vocab
-    else:
-        num = min(max([64] + [p.top_k for p in params]), vocab)
-        while num < vocab and (probs.topk(num, dim=1).values.sum(dim=1) < top_ps).any():
-            num = min(num * 8, vocab)
+    num = vocab if ((top_ks == vocab) & (top_ps == 1)).any() else min(max([64] + [p.top_k for p in params]), vocab)
     values, ids = probs.topk(num, dim=1)
+    while num < vocab and (values.sum(dim=1) < top_ps).any():
+        num = min(num * 8, vocab)
+        values, ids = probs.topk(num, dim=1)
     rank = torch.arange(num, device=logits.device).unsqueeze(0)
     drop = rank >= top_ks.unsqueeze(1)
     # top-p acts on the top-k renormalized; a token goes when the mass strictly before it reaches top_p.
