@@ -254,9 +254,6 @@ class LLMEngine:
         s = self.stats
         return {
             "share_policy": self.config.share.policy,
-            "blocks_shared": 0,
-            "stage1_candidates": 0,
-            "stage2_pairs": 0,
             **self.policy.stats(),
             "memory_saved_peak": 1 - s.peak_used_blocks / s.peak_logical_blocks if s.peak_logical_blocks else 0.0,
             "memory_saved_mean": 1 - s.sum_used_blocks / s.sum_logical_blocks if s.sum_logical_blocks else 0.0,

@@ -84,7 +84,8 @@ def calibrate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 256
               seed: int = 0) -> Calibration:
     """Run the calibration on `engine` (a dense one) with chat-templated problem prompts."""
     rng = random.Random(seed)
-    bs = engine.block_manager.block_size
+    bm = engine.block_manager
+    bs = bm.block_size
     greedy = SamplingParams(temperature=0, max_tokens=max_tokens)
     answers = []
     for i, prompt in enumerate(prompts):
@@ -95,17 +96,17 @@ def calibrate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 256
     filler = engine.tokenizer.encode("\n", add_special_tokens=False)[0]
     probes: list[tuple[Sequence, int, int]] = []  # (sequence, first block of the copy, shift in blocks)
     hold = SamplingParams(temperature=0, max_tokens=HOLD_TOKENS, ignore_eos=True)
-    free = engine.block_manager.num_free_blocks
+    free = bm.num_free_blocks
     for i, (prompt, answer) in enumerate(zip(prompts, answers)):
         tokens, shift = probe_tokens(prompt, answer.outputs[0].token_ids, filler, bs)
         # Every probe must stay in the cache until all are prefilled: admit only what fits without preemption.
-        need = -(-(len(tokens) + HOLD_TOKENS) // bs)
+        need = bm.blocks_needed(len(tokens) + HOLD_TOKENS)
         if shift < bs or len(tokens) + HOLD_TOKENS >= engine.max_model_len or need > free:
             continue
         free -= need
         engine.add_request(f"calibrate-probe-{i}", tokens, hold)
         seq = engine.requests[f"calibrate-probe-{i}"].seqs[0]
-        probes.append((seq, -(-(len(prompt) + shift) // bs), shift // bs))
+        probes.append((seq, bm.blocks_needed(len(prompt) + shift), shift // bs))
     if len(probes) < 2:
         raise ValueError(f"only {len(probes)} calibration probe(s) fit the KV cache: raise kv_cache_memory "
                          "or lower max_tokens")

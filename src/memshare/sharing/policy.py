@@ -32,11 +32,12 @@ class SharingPolicy:
         self.affected_blocks += duplicate_entries(seq, first_generated)
 
     def first_generated_block(self, seq: Sequence) -> int:
-        return -(-seq.num_prompt_tokens // self.block_manager.block_size)
+        return self.block_manager.blocks_needed(seq.num_prompt_tokens)
 
     def saved_blocks(self, running: list[Sequence]) -> int:
         """Blocks the running sequences would hold more without sharing."""
         return sum(duplicate_entries(seq) for seq in running)
 
     def stats(self) -> dict[str, float | int]:
-        return {"affected_ratio": self.affected_blocks / self.generated_blocks if self.generated_blocks else 0.0}
+        return {"blocks_shared": 0, "stage1_candidates": 0, "stage2_pairs": 0,
+                "affected_ratio": self.affected_blocks / self.generated_blocks if self.generated_blocks else 0.0}
