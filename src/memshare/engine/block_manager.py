@@ -78,7 +78,7 @@ class BlockManager:
         """Give `seq` the blocks to hold `num_new_tokens` more tokens; False (and no change) if they don't fit."""
         computed_blocks = list(computed_blocks)
         num_free_computed = sum(1 for b in computed_blocks if self.blocks[b].ref_cnt == 0)
-        num_total = self.blocks_needed(seq.num_computed_tokens + len(computed_blocks) * self.block_size
+        num_total = self.blocks_needed(seq.num_cached_kv_tokens + len(computed_blocks) * self.block_size
                                        + num_new_tokens)
         num_new_blocks = num_total - len(seq.block_table) - len(computed_blocks)
         if num_new_blocks + num_free_computed > self.num_free_blocks:
@@ -107,7 +107,7 @@ class BlockManager:
         for block_id in reversed(seq.block_table):
             self._release(block_id)
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_evicted_tokens = 0
 
     def share(self, seq: Sequence, index: int, source_index: int) -> int:
         """Point `seq.block_table[index]` at the physical block of the earlier entry `source_index`.
@@ -119,8 +119,7 @@ class BlockManager:
         table = seq.block_table
         if not 0 <= source_index < index < len(table):
             raise ValueError(f"share needs 0 <= source_index < index < {len(table)}, got {source_index}, {index}")
-        if (index + 1) * self.block_size > seq.num_computed_tokens:
-            raise ValueError(f"block {index} of sequence {seq.seq_id} is not full and computed")
+        self._check_full(seq, index)
         if table[index] == table[source_index]:
             raise ValueError(f"entries {source_index} and {index} already hold the same block")
         duplicate, target = table[index], table[source_index]
@@ -128,6 +127,25 @@ class BlockManager:
         table[index] = target
         self._release(duplicate)
         return target
+
+    def evict(self, seq: Sequence, indices: Seq[int]) -> None:
+        """Drop the entries `indices` (full, computed blocks) from `seq`'s block table and release their blocks.
+
+        Attention then skips their tokens; later tokens keep their positions (`seq.num_evicted_tokens`).
+        """
+        indices = sorted(set(indices))
+        for index in indices:
+            if not 0 <= index < len(seq.block_table):
+                raise ValueError(f"evict: index {index} is outside the block table of {len(seq.block_table)}")
+            self._check_full(seq, index)
+        for index in reversed(indices):
+            self._release(seq.block_table.pop(index))
+        seq.num_evicted_tokens += len(indices) * self.block_size
+
+    def _check_full(self, seq: Sequence, index: int) -> None:
+        # Nothing is ever written through a full, computed entry, so it can be replaced or dropped safely.
+        if (index + 1) * self.block_size > seq.num_cached_kv_tokens:
+            raise ValueError(f"block {index} of sequence {seq.seq_id} is not full and computed")
 
     def read_kv(self, block_ids: Seq[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of physical blocks, copied: each [num_layers, len(block_ids), block_size, kv_heads, head_dim]."""

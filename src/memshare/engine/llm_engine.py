@@ -223,7 +223,10 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
                              all(s.is_finished for s in request.seqs), first.num_cached_tokens,
                              {"time_to_first_token_s": ttft,
-                              "latency_s": time.perf_counter() - first.arrival_time})
+                              "latency_s": time.perf_counter() - first.arrival_time,
+                              "kv_blocks_generated": sum(s.num_generated_blocks for s in request.seqs),
+                              "kv_blocks_affected": sum(s.num_affected_blocks for s in request.seqs),
+                              "num_preemptions": sum(s.num_preemptions for s in request.seqs)})
 
     def get_stats(self) -> dict[str, float | int]:
         bm = self.block_manager

@@ -76,9 +76,11 @@ class ModelRunner:
         prefills: list[PrefillSpan] = []
         for seq, num_new in batch:
             start = seq.num_computed_tokens
+            input_ids += seq.token_ids[start : start + num_new]
+            positions += range(start, start + num_new)
+            # Cache slots skip evicted blocks; positions (and so RoPE) stay those of the full sequence.
+            start = seq.num_cached_kv_tokens
             end = start + num_new
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             num_blocks = -(-end // bs)

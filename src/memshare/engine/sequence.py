@@ -30,6 +30,11 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
+    # Tokens whose KV blocks an eviction policy dropped: token p lives in block_table[(p - evicted) // block_size].
+    num_evicted_tokens: int = 0
+    # Filled by the sharing policy when the sequence finishes: its generated blocks and how many were shared/evicted.
+    num_generated_blocks: int = 0
+    num_affected_blocks: int = 0
     num_preemptions: int = 0
     generator: torch.Generator | None = None
     logprobs: list[dict[int, Logprob]] | None = None
@@ -43,6 +48,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_cached_kv_tokens(self) -> int:
+        """Computed tokens whose KV is still in the block table."""
+        return self.num_computed_tokens - self.num_evicted_tokens
 
     @property
     def num_output_tokens(self) -> int:

@@ -28,15 +28,19 @@ class SharingPolicy:
     def finish(self, seq: Sequence) -> None:
         """Called before a finished or aborted sequence frees its blocks: records its affected blocks."""
         first_generated = self.first_generated_block(seq)
-        self.generated_blocks += max(len(seq.block_table) - first_generated, 0)
-        self.affected_blocks += duplicate_entries(seq, first_generated)
+        evicted = seq.num_evicted_tokens // self.block_manager.block_size
+        seq.num_generated_blocks = max(len(seq.block_table) + evicted - first_generated, 0)
+        seq.num_affected_blocks = duplicate_entries(seq, first_generated) + evicted
+        self.generated_blocks += seq.num_generated_blocks
+        self.affected_blocks += seq.num_affected_blocks
 
     def first_generated_block(self, seq: Sequence) -> int:
         return self.block_manager.blocks_needed(seq.num_prompt_tokens)
 
     def saved_blocks(self, running: list[Sequence]) -> int:
-        """Blocks the running sequences would hold more without sharing."""
-        return sum(duplicate_entries(seq) for seq in running)
+        """Blocks the running sequences would hold more without sharing or eviction."""
+        bs = self.block_manager.block_size
+        return sum(duplicate_entries(seq) + seq.num_evicted_tokens // bs for seq in running)
 
     def stats(self) -> dict[str, float | int]:
         return {"blocks_shared": 0, "stage1_candidates": 0, "stage2_pairs": 0,

@@ -1,0 +1,79 @@
+"""Policy specs on the command line: `none,memshare:block_threshold=0.61,h2o:kv_budget=0.8,random:share_ratio=memshare`.
+
+Each comma-separated item is a policy name with optional `:field=value` overrides of ShareConfig fields. The
+value `memshare` for `share_ratio` or `kv_budget` means "match the MemShare run listed before this one": the
+random policy then shares at its affected ratio, an eviction policy keeps the fraction 1 - affected ratio.
+"""
+
+from dataclasses import dataclass, fields, replace
+
+from memshare.config import POLICIES, ShareConfig
+
+MATCHABLE = ("share_ratio", "kv_budget")
+# The fields worth naming in a run's label, per policy.
+LABEL_FIELDS = {"memshare": ("step_threshold", "block_threshold", "stage1", "stage2"), "random": ("share_ratio",),
+                "streamingllm": ("kv_budget",), "h2o": ("kv_budget",), "rkv": ("kv_budget",)}
+
+
+@dataclass(slots=True)
+class PolicySpec:
+    share: ShareConfig
+    match: tuple[str, ...] = ()  # fields to take from the preceding MemShare run
+
+    @property
+    def label(self) -> str:
+        share = self.share
+        parts = [f"{name}={'memshare' if name in self.match else getattr(share, name)}"
+                 for name in LABEL_FIELDS.get(share.policy, ())
+                 if name in self.match or getattr(share, name) != getattr(ShareConfig(), name)
+                 or name in ("step_threshold", "block_threshold", "kv_budget", "share_ratio")]
+        return share.policy + (f"({', '.join(parts)})" if parts else "")
+
+
+def _convert(name: str, raw: str, default: object) -> object:
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        number = float(raw)
+        return int(number) if isinstance(default, int) and number.is_integer() else number
+    if isinstance(default, tuple):
+        return tuple(raw.split("|"))
+    return raw
+
+
+def parse_policies(text: str, defaults: ShareConfig | None = None) -> list[PolicySpec]:
+    """PolicySpecs from a comma-separated list; raises ValueError naming the bad item."""
+    defaults = defaults or ShareConfig()
+    known = {f.name: f for f in fields(ShareConfig)}
+    specs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, *overrides = item.split(":")
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r} in {item!r}; choose from {POLICIES}")
+        values: dict[str, object] = {"policy": name}
+        match: list[str] = []
+        for override in overrides:
+            key, sep, raw = override.partition("=")
+            if not sep or key not in known or key == "policy":
+                raise ValueError(f"bad override {override!r} in {item!r}: use field=value with a ShareConfig field")
+            if raw == "memshare" and key in MATCHABLE:
+                match.append(key)
+                continue
+            try:
+                values[key] = _convert(key, raw, getattr(defaults, key))
+            except ValueError as error:
+                raise ValueError(f"bad value for {key} in {item!r}: {raw!r}") from error
+        specs.append(PolicySpec(replace(defaults, **values), tuple(match)))
+    if not specs:
+        raise ValueError("no policy given")
+    return specs
+
+
+def matched(spec: PolicySpec, memshare_affected_ratio: float) -> ShareConfig:
+    """The spec's ShareConfig with its `memshare`-matched fields filled from a MemShare run's affected ratio."""
+    values: dict[str, float] = {}
+    if "share_ratio" in spec.match:
+        values["share_ratio"] = memshare_affected_ratio
+    if "kv_budget" in spec.match:
+        values["kv_budget"] = min(max(1 - memshare_affected_ratio, 1e-3), 0.999)
+    return replace(spec.share, **values)
