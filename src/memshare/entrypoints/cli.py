@@ -7,6 +7,7 @@ from pathlib import Path
 
 from memshare.config import POLICIES, STAGE1_ENCODERS, EngineConfig, ShareConfig
 from memshare.errors import MemShareError
+from memshare.eval.datasets import DEFAULT_INSTRUCTION
 from memshare.sampling_params import SamplingParams
 
 
@@ -125,6 +126,36 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                                          "unrelated_other_requests": result.unrelated_other_requests}))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from memshare.eval.harness import EvalConfig, run_eval
+
+    if args.share != "none":
+        raise ValueError("eval runs the policies of --policies; --share does not apply")
+    share = replace(share_config(args), stage2=args.stage2, share_ratio=args.share_ratio, kv_budget=args.kv_budget,
+                    recent_fraction=args.recent_fraction, compress_interval=args.compress_interval,
+                    rkv_lambda=args.rkv_lambda)
+    engine = engine_kwargs(args)
+    del engine["share"]
+    config = EvalConfig(model=args.model, dataset=args.dataset, out=args.out, policies=args.policies, share=share,
+                        problem_field=args.problem_field, answer_field=args.answer_field, limit=args.limit,
+                        samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                        max_tokens=args.max_tokens, seed=args.seed, instruction=args.instruction, engine=engine)
+    for s in run_eval(config):
+        print(f"{s['run']}: pass@1 {s['pass@1']:.1%} ± {s['ci95']:.1%} over {s['num_problems']} problems, memory "
+              f"saved {s['memory_saved_mean']:.1%} (peak {s['memory_saved_peak']:.1%}), "
+              f"{s['generation_tokens_per_s']:.1f} tok/s")
+    print(f"runs are in {args.out}; `memshare report {args.out}` tabulates and plots them")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from memshare.eval.report import build_report
+
+    print(build_report(args.dir))
+    print(f"wrote {args.dir / 'report.md'} and its plots")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memshare", description="Paged-KV inference with MemShare block sharing")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +187,38 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest acceptable share rate among unrelated block pairs")
     cal.add_argument("--json", type=Path, default=None, help="also write the distributions here")
     cal.set_defaults(func=cmd_calibrate)
+
+    # "resolve": should add_share_args gain one of the baseline flags below, it replaces ours instead of clashing.
+    ev = sub.add_parser("eval", conflict_handler="resolve",
+                        help="pass@1 and KV stats of sharing policies on a dataset, one resumable JSONL per run")
+    add_engine_args(ev)
+    add_share_args(ev)
+    share = ShareConfig()
+    ev.add_argument("--dataset", required=True, help="gsm8k, math500, or a JSONL file")
+    ev.add_argument("--problem-field", default="problem", help="JSONL field holding the problem")
+    ev.add_argument("--answer-field", default="answer", help="JSONL field holding the reference answer")
+    ev.add_argument("--limit", type=int, default=None, help="the first N problems (default: all)")
+    ev.add_argument("--policies", default="none,memshare", help="policy[:field=value...] specs, run in order, e.g. "
+                    "none,memshare:block_threshold=0.61,random:share_ratio=memshare,h2o:kv_budget=memshare")
+    ev.add_argument("--stage2", default=share.stage2, help="euclidean or cosine")
+    ev.add_argument("--share-ratio", type=float, default=share.share_ratio)
+    ev.add_argument("--kv-budget", type=float, default=share.kv_budget,
+                    help="blocks kept per request by eviction policies (below 1: fraction)")
+    ev.add_argument("--recent-fraction", type=float, default=share.recent_fraction)
+    ev.add_argument("--compress-interval", type=int, default=share.compress_interval)
+    ev.add_argument("--rkv-lambda", type=float, default=share.rkv_lambda)
+    ev.add_argument("--samples", type=int, default=1, help="samples per problem; pass@1 averages them")
+    ev.add_argument("--temperature", type=float, default=0.6)
+    ev.add_argument("--top-p", type=float, default=0.95)
+    ev.add_argument("--max-tokens", type=int, default=1024)
+    ev.add_argument("--seed", type=int, default=0, help="problem i samples with seed + i")
+    ev.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="appended to every problem")
+    ev.add_argument("--out", type=Path, default=Path("results/eval"))
+    ev.set_defaults(func=cmd_eval)
+
+    rep = sub.add_parser("report", help="Markdown table and accuracy-vs-memory plots of the eval runs under DIR")
+    rep.add_argument("dir", type=Path)
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,307 @@
+"""`memshare eval`: every policy spec over a dataset's problems, graded as they finish, one resumable run each.
+
+A run is `<out>/<dataset>/<name>.jsonl` (one record per problem, appended as it finishes, rewritten in problem
+order once the run is complete), `<name>.config.json` (everything that determines the records; a resume must
+match it) and `<name>.summary.json` (pass@1 and engine stats accumulated over the sessions that wrote the run).
+"""
+
+import gc
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from memshare.config import EngineConfig, ShareConfig
+from memshare.entrypoints.llm import LLM
+from memshare.errors import MemShareError
+from memshare.eval.datasets import BUILTIN, DEFAULT_INSTRUCTION, Problem, chat_prompt, load_problems
+from memshare.eval.grading import is_correct
+from memshare.eval.policies import LABEL_FIELDS, PolicySpec, matched, parse_policies
+from memshare.eval.report import parameters, read_records, safe_name, score
+from memshare.outputs import RequestOutput
+from memshare.sampling_params import SamplingParams
+
+# Engine settings that change what is generated: without max_model_len the KV budget caps the context.
+RESULT_ENGINE_KEYS = ("kv_cache_memory", "num_kv_blocks", "block_size", "max_model_len", "device", "dtype")
+METRIC_KEYS = ("kv_blocks_generated", "kv_blocks_affected", "num_preemptions", "time_to_first_token_s", "latency_s")
+
+
+class ConfigMismatchError(MemShareError):
+    """A run being resumed was written with another configuration; `fields` names the differences."""
+
+    def __init__(self, message: str, fields: list[str]) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
+@dataclass(slots=True)
+class EvalConfig:
+    """What `memshare eval` runs: each spec of `policies` (see `parse_policies`, starting from `share`) over the
+    dataset's first `limit` problems, `samples` per problem; problem i is seeded `seed + i`."""
+
+    model: str
+    dataset: str
+    out: Path
+    policies: str = "none,memshare"
+    share: ShareConfig = field(default_factory=ShareConfig)
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    limit: int | None = None
+    samples: int = 1
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    seed: int | None = 0
+    instruction: str = DEFAULT_INSTRUCTION
+    engine: dict[str, Any] = field(default_factory=dict)  # further EngineConfig keyword arguments
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        self.sampling(0)  # raises on bad sampling values before any model loads
+
+    def sampling(self, index: int) -> SamplingParams:
+        return SamplingParams(n=self.samples, temperature=self.temperature, top_p=self.top_p,
+                              max_tokens=self.max_tokens, seed=None if self.seed is None else self.seed + index)
+
+
+@dataclass(slots=True)
+class Run:
+    name: str
+    spec: PolicySpec
+    path: Path
+    memshare: "Run | None" = None  # the MemShare run a matched spec takes its affected ratio from
+
+    def sibling(self, suffix: str) -> Path:
+        return self.path.with_suffix(suffix)
+
+
+def dataset_name(dataset: str) -> str:
+    return dataset if dataset in BUILTIN else Path(dataset).stem
+
+
+def run_name(spec: PolicySpec, memshare: str | None) -> str:
+    """The spec's label, plus the fields it sets that the label omits, plus the MemShare run it is matched to."""
+    shown = LABEL_FIELDS.get(spec.share.policy, ())
+    extras = [f"{k}={v}" for k, v in parameters(asdict(spec.share)).items() if k not in shown]
+    name = spec.label + (f"[{', '.join(extras)}]" if extras else "")
+    return f"{name} vs {memshare}" if spec.match else name
+
+
+def plan_runs(specs: list[PolicySpec], directory: Path) -> list[Run]:
+    runs: list[Run] = []
+    memshare: Run | None = None
+    for spec in specs:
+        if spec.match and memshare is None:
+            raise ValueError(f"{spec.label} is matched to a MemShare run, but no memshare policy is listed before it")
+        source = memshare if spec.match else None
+        name = run_name(spec, source.name if source else None)
+        run = Run(name, spec, directory / f"{safe_name(name)}.jsonl", source)
+        if any(r.path == run.path for r in runs):
+            raise ValueError(f"policy {run.name!r} is listed twice (both would write {run.path.name})")
+        runs.append(run)
+        if spec.share.policy == "memshare":
+            memshare = run
+    return runs
+
+
+def load(config: EvalConfig) -> list[Problem]:
+    try:
+        problems = load_problems(config.dataset, config.limit, config.problem_field, config.answer_field)
+    except KeyError as error:
+        raise ValueError(error.args[0]) from error
+    ids = [p.problem_id for p in problems]
+    if not problems or len(set(ids)) != len(ids):
+        raise ValueError(f"dataset {config.dataset!r} has no problems or repeats a problem id")
+    return problems
+
+
+def run_config(config: EvalConfig, run: Run, share: ShareConfig, problems: list[Problem],
+               memshare_ratio: float | None) -> dict[str, Any]:
+    fields = BUILTIN[config.dataset][1:] if config.dataset in BUILTIN else (config.problem_field, config.answer_field)
+    digest = hashlib.sha256(json.dumps([[p.problem_id, p.question, p.answer] for p in problems]).encode())
+    defaults = EngineConfig()
+    result = {
+        "run": run.name, "model": config.model,
+        "dataset": {"name": dataset_name(config.dataset), "source": config.dataset, "problem_field": fields[0],
+                    "answer_field": fields[1], "limit": config.limit, "num_problems": len(problems),
+                    "sha256": digest.hexdigest()},
+        "instruction": config.instruction, "samples": config.samples,
+        "sampling": asdict(config.sampling(0)) | {"seed": config.seed},  # problem i: seed + i
+        "share": asdict(share),
+        "engine": {k: config.engine.get(k, getattr(defaults, k)) for k in RESULT_ENGINE_KEYS},
+    }
+    if run.memshare is not None:
+        result["matched"] = {"memshare_run": run.memshare.name, "memshare_affected_ratio": memshare_ratio,
+                             **{k: getattr(share, k) for k in run.spec.match}}
+    return json.loads(json.dumps(result))
+
+
+def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return [] if saved == current else [prefix.rstrip(".")]
+    return [d for key in sorted(saved.keys() | current.keys())
+            for d in _differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
+
+
+def check_config(run: Run, config: dict[str, Any]) -> None:
+    """Raise ConfigMismatchError, touching nothing, if the run's saved config differs from `config`."""
+    path = run.sibling(".config.json")
+    if not path.exists():
+        if run.path.exists() and run.path.stat().st_size:
+            raise ConfigMismatchError(f"{run.path} holds records but has no {path.name} to resume against", [])
+        return
+    saved = json.loads(path.read_text())
+    diffs = _differences(saved, config)
+    if diffs:
+        detail = "; ".join(f"{d}: saved {_get(saved, d)!r}, now {_get(config, d)!r}" for d in diffs)
+        raise ConfigMismatchError(f"{run.path} was written with another configuration ({detail}); resume with the "
+                                  "same options, or use another --out", diffs)
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_record(problem: Problem, prompt: str, output: RequestOutput) -> dict[str, Any]:
+    samples = [{"text": c.text, "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+                "correct": is_correct(c.text, problem.answer)} for c in output.outputs]
+    return {"problem_id": problem.problem_id, "prompt": prompt, "answer": problem.answer, "samples": samples,
+            "pass@1": sum(s["correct"] for s in samples) / len(samples),
+            **{k: output.metrics[k] for k in METRIC_KEYS}}
+
+
+def session_stats(llm: LLM, wall_s: float, problems: int, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    s, stats = llm.llm_engine.stats, llm.stats()
+    return {"problems": problems, "wall_time_s": wall_s, "generation_tokens": s.generation_tokens,
+            "engine_time_s": s.engine_time_s, "sharing_time_s": s.sharing_time_s,
+            "peak_used_blocks": s.peak_used_blocks, "peak_logical_blocks": s.peak_logical_blocks,
+            "sum_used_blocks": s.sum_used_blocks, "sum_logical_blocks": s.sum_logical_blocks,
+            "blocks_shared": stats.get("blocks_shared", 0), "num_preemptions": stats["num_preemptions"],
+            "num_kv_blocks": stats["num_kv_blocks"], "engine": engine_kwargs}
+
+
+def aggregate(sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    """Engine stats over all sessions of a run, from their raw counters, so that a resumed run's rates hold."""
+    def total(key: str) -> float:
+        return sum(s[key] for s in sessions)
+
+    tokens, time_s, sharing = total("generation_tokens"), total("engine_time_s"), total("sharing_time_s")
+    used, logical = total("sum_used_blocks"), total("sum_logical_blocks")
+    peak_used = max((s["peak_used_blocks"] for s in sessions), default=0)
+    peak_logical = max((s["peak_logical_blocks"] for s in sessions), default=0)
+    return {"generation_tokens": tokens, "engine_time_s": time_s, "wall_time_s": total("wall_time_s"),
+            "generation_tokens_per_s": tokens / time_s if time_s else 0.0,
+            "memory_saved_peak": 1 - peak_used / peak_logical if peak_logical else 0.0,
+            "memory_saved_mean": 1 - used / logical if logical else 0.0,
+            "blocks_shared": total("blocks_shared"), "num_preemptions": total("num_preemptions"),
+            "kv_blocks_peak": peak_used, "sharing_time_s": sharing,
+            "sharing_time_share": sharing / time_s if time_s else 0.0}
+
+
+def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]],
+                  sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    summary = {"run": run.name, "policy": config["share"]["policy"], "parameters": parameters(config["share"]),
+               "matched": config.get("matched"), "model": config["model"], "dataset": config["dataset"]["name"],
+               "complete": len(records) == config["dataset"]["num_problems"], **score(records),
+               **aggregate(sessions), "sessions": sessions}
+    _write_atomic(run.sibling(".summary.json"), json.dumps(summary, indent=1))
+    return summary
+
+
+def generate(config: EvalConfig, run: Run, share: ShareConfig, todo: list[tuple[int, Problem]],
+             records: list[dict[str, Any]], sessions: list[dict[str, Any]], run_cfg: dict[str, Any]) -> None:
+    """Submit every unfinished problem at once; append each record (fsynced) and the summary as it finishes."""
+    llm = LLM(model=config.model, **({"log_stats_interval": 0} | config.engine | {"share": share}))
+    engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
+    prompts = {p.problem_id: chat_prompt(tokenizer, p, config.instruction) for _, p in todo}
+    params = {p.problem_id: config.sampling(i) for i, p in todo}
+    for problem_id, ids in prompts.items():  # a bad request raises before any is queued
+        engine.validate(ids, params[problem_id])
+    for problem_id, ids in prompts.items():
+        engine.add_request(problem_id, ids, params[problem_id], ids)
+    problems = {p.problem_id: p for _, p in todo}
+    start, finished = time.perf_counter(), 0
+    total = run_cfg["dataset"]["num_problems"]
+    with open(run.path, "a") as f, tqdm(total=total, initial=len(records), desc=run.name, dynamic_ncols=True) as bar:
+        while finished < len(todo):
+            if not engine.has_unfinished_requests():
+                raise RuntimeError("engine stopped with problems unfinished")
+            for output in engine.step():
+                problem_id = output.request_id
+                records.append(make_record(problems[problem_id], tokenizer.decode(prompts[problem_id]), output))
+                f.write(json.dumps(records[-1]) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                finished += 1
+                session = session_stats(llm, time.perf_counter() - start, finished, config.engine)
+                summary = write_summary(run, run_cfg, records, [*sessions, session])
+                bar.update(1)
+                bar.set_postfix_str(f"pass@1 {summary['pass@1']:.1%}, {summary['generation_tokens_per_s']:.1f} tok/s",
+                                    refresh=False)
+    sessions.append(session)
+    del llm, engine
+    gc.collect()
+
+
+def run_one(config: EvalConfig, run: Run, share: ShareConfig, problems: list[Problem],
+            memshare_ratio: float | None) -> dict[str, Any]:
+    run_cfg = run_config(config, run, share, problems, memshare_ratio)
+    check_config(run, run_cfg)
+    run.path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run.sibling(".config.json"), json.dumps(run_cfg, indent=1))
+    records, size = read_records(run.path)
+    if run.path.exists() and size < run.path.stat().st_size:
+        os.truncate(run.path, size)  # a killed writer's half line: its problem runs again
+    order = {p.problem_id: i for i, p in enumerate(problems)}
+    if any(r["problem_id"] not in order for r in records):
+        raise ValueError(f"{run.path} holds problems that are not in the dataset")
+    summary_path = run.sibling(".summary.json")
+    sessions = json.loads(summary_path.read_text())["sessions"] if summary_path.exists() else []
+    done = {r["problem_id"] for r in records}
+    todo = [(i, p) for i, p in enumerate(problems) if p.problem_id not in done]
+    if todo:
+        generate(config, run, share, todo, records, sessions, run_cfg)
+    records.sort(key=lambda r: order[r["problem_id"]])
+    _write_atomic(run.path, "".join(json.dumps(r) + "\n" for r in records))
+    return write_summary(run, run_cfg, records, sessions)
+
+
+def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
+    """Run every policy spec in order, each in its own engine; returns the runs' summaries.
+
+    Rerunning the same configuration resumes: finished problems are kept, the others run. Raises
+    ConfigMismatchError (before generating anything, where the run's config is known up front) if a run's saved
+    configuration differs.
+    """
+    problems = load(config)
+    runs = plan_runs(parse_policies(config.policies, config.share), config.out / dataset_name(config.dataset))
+    for run in runs:  # fail now rather than after hours of earlier runs; matched configs are known only later
+        if run.memshare is None:
+            check_config(run, run_config(config, run, run.spec.share, problems, None))
+    summaries: list[dict[str, Any]] = []
+    ratios: dict[str, float] = {}
+    for run in runs:
+        ratio = ratios[run.memshare.name] if run.memshare else None
+        share = matched(run.spec, ratio) if run.memshare else run.spec.share
+        summaries.append(run_one(config, run, share, problems, ratio))
+        ratios[run.name] = summaries[-1]["affected_ratio"]
+    return summaries

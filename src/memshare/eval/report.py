@@ -1,0 +1,178 @@
+"""Scores of `memshare eval` runs and `memshare report`: a Markdown table per dataset plus accuracy/memory plots."""
+
+import json
+import math
+import re
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from memshare.config import POLICIES, ShareConfig
+from memshare.eval.policies import LABEL_FIELDS
+
+# The knobs always shown for a policy that has them, even at their default.
+KEY_PARAMETERS = ("step_threshold", "block_threshold", "share_ratio", "kv_budget")
+COLUMNS = ("policy", "parameters", "pass@1 ± CI", "N problems", "memory saved (mean / peak)", "affected ratio",
+           "tokens/s", "mean output length", "preemptions")
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^\w.=+-]+", "_", text).strip("_")
+
+
+def parameters(share: dict[str, Any]) -> dict[str, Any]:
+    """The ShareConfig fields (as a dict) worth showing for a run: its policy's key knobs and all off-default ones."""
+    # JSON round trips so that tuples and lists, as saved and as configured, compare equal.
+    share, defaults = json.loads(json.dumps(share)), json.loads(json.dumps(asdict(ShareConfig())))
+    key = [name for name in LABEL_FIELDS.get(share["policy"], ()) if name in KEY_PARAMETERS]
+    return {name: value for name, value in share.items()
+            if name != "policy" and (name in key or value != defaults.get(name))}
+
+
+def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of a run's JSONL and their size in bytes; a last line without its newline (a killed writer's)
+    is left out."""
+    if not path.exists():
+        return [], 0
+    data = path.read_bytes()
+    *complete, rest = data.split(b"\n")
+    return [json.loads(line) for line in complete], len(data) - len(rest)
+
+
+def score(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """pass@1 = mean over problems of correct samples / samples, with a 95% normal CI: 1.96 * sample std of the
+    per-problem pass rates / sqrt(N) (0 for one problem), its bounds clipped to [0, 1]. Also the mean output length
+    and the affected ratio (affected / generated KV blocks summed over the records)."""
+    passes = [sum(s["correct"] for s in r["samples"]) / len(r["samples"]) for r in records]
+    n = len(passes)
+    mean = sum(passes) / n if n else 0.0
+    ci = 1.96 * statistics.stdev(passes) / math.sqrt(n) if n > 1 else 0.0
+    lengths = [s["num_tokens"] for r in records for s in r["samples"]]
+    generated = sum(r["kv_blocks_generated"] for r in records)
+    return {"num_problems": n, "pass@1": mean, "ci95": ci, "ci_low": max(mean - ci, 0.0),
+            "ci_high": min(mean + ci, 1.0), "mean_output_tokens": sum(lengths) / len(lengths) if lengths else 0.0,
+            "affected_ratio": sum(r["kv_blocks_affected"] for r in records) / generated if generated else 0.0}
+
+
+def load_runs(directory: Path) -> list[dict[str, Any]]:
+    """Every run under `directory` (recursively): its config, score from the JSONL, and summary if written."""
+    runs = []
+    for config_path in sorted(Path(directory).rglob("*.config.json")):
+        stem = config_path.name.removesuffix(".config.json")
+        config = json.loads(config_path.read_text())
+        summary_path = config_path.with_name(f"{stem}.summary.json")
+        runs.append({"name": config["run"], "policy": config["share"]["policy"], "config": config,
+                     "dataset": config["dataset"]["name"], "score": score(read_records(
+                         config_path.with_name(f"{stem}.jsonl"))[0]),
+                     "summary": json.loads(summary_path.read_text()) if summary_path.exists() else {}})
+    return runs
+
+
+def _value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _parameters_text(run: dict[str, Any]) -> str:
+    text = ", ".join(f"{k}={_value(v)}" for k, v in parameters(run["config"]["share"]).items())
+    matched = run["config"].get("matched")
+    return (text + f" (matched to {matched['memshare_run']})" if matched else text) or "–"
+
+
+def _row(run: dict[str, Any]) -> str:
+    s, summary = run["score"], run["summary"]
+    total = run["config"]["dataset"]["num_problems"]
+    n = f"{s['num_problems']}" + ("" if s["num_problems"] == total else f" of {total}")
+    engine = ["–"] * 3
+    if summary:
+        engine = [f"{summary['memory_saved_mean']:.1%} / {summary['memory_saved_peak']:.1%}",
+                  f"{summary['generation_tokens_per_s']:.1f}", str(summary["num_preemptions"])]
+    cells = [run["policy"], _parameters_text(run), f"{s['pass@1']:.1%} ± {s['ci95']:.1%}", n, engine[0],
+             f"{s['affected_ratio']:.1%}", engine[1], f"{s['mean_output_tokens']:.0f}", engine[2]]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _order(run: dict[str, Any]) -> tuple[int, str]:
+    policy = run["policy"]
+    return POLICIES.index(policy) if policy in POLICIES else len(POLICIES), run["name"]
+
+
+def _errorbars(runs: list[dict[str, Any]]) -> tuple[list[float], list[list[float]]]:
+    scores = [r["score"] for r in runs]
+    y = [s["pass@1"] for s in scores]
+    return y, [[s["pass@1"] - s["ci_low"] for s in scores], [s["ci_high"] - s["pass@1"] for s in scores]]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_memory(title: str, runs: list[dict[str, Any]], path: Path) -> None:
+    """The Pareto view: pass@1 (95% CI) against mean memory saved, one series per policy."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    plotted = [r for r in runs if r["summary"]]
+    for policy in dict.fromkeys(r["policy"] for r in plotted):
+        group = sorted((r for r in plotted if r["policy"] == policy), key=lambda r: r["summary"]["memory_saved_mean"])
+        x = [r["summary"]["memory_saved_mean"] for r in group]
+        y, yerr = _errorbars(group)
+        ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=policy)
+        for r, xi, yi in zip(group, x, y):
+            if parameters(r["config"]["share"]):
+                ax.annotate(_parameters_text(r), (xi, yi), fontsize=6, xytext=(4, 4), textcoords="offset points")
+    ax.set(xlabel="memory saved (mean of 1 - physical / logical KV blocks)", ylabel="pass@1 (95% CI)",
+           title=f"{title}: accuracy vs. KV memory saved")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_threshold_sweep(title: str, runs: list[dict[str, Any]], path: Path) -> None:
+    """pass@1 (95% CI) and affected ratio of MemShare runs against their block_threshold."""
+    plt = _pyplot()
+    runs = sorted(runs, key=lambda r: r["config"]["share"]["block_threshold"])
+    x = [r["config"]["share"]["block_threshold"] for r in runs]
+    y, yerr = _errorbars(runs)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label="pass@1 (95% CI)")
+    ax.plot(x, [r["score"]["affected_ratio"] for r in runs], marker="s", label="affected ratio")
+    ax.set(xlabel="block_threshold", ylabel="fraction", title=f"{title}: MemShare block-threshold sweep")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _section(directory: Path, dataset: str, runs: list[dict[str, Any]]) -> str:
+    models = ", ".join(sorted({r["config"]["model"] for r in runs}))
+    lines = [f"## {dataset}", "", f"model: {models}", "", "| " + " | ".join(COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS), *map(_row, runs), ""]
+    pareto = f"{safe_name(dataset)}_accuracy_vs_memory.png"
+    plot_accuracy_vs_memory(dataset, runs, directory / pareto)
+    lines.append(f"![accuracy vs. memory saved]({pareto})")
+    memshare = [r for r in runs if r["policy"] == "memshare"]
+    if len(memshare) >= 2:
+        sweep = f"{safe_name(dataset)}_threshold_sweep.png"
+        plot_threshold_sweep(dataset, memshare, directory / sweep)
+        lines.append(f"![MemShare threshold sweep]({sweep})")
+    return "\n".join(lines)
+
+
+def build_report(directory: str | Path) -> str:
+    """Write DIR/report.md and its PNG plots for every eval run under DIR; returns the Markdown."""
+    directory = Path(directory)
+    runs = load_runs(directory)
+    if not runs:
+        raise FileNotFoundError(f"no eval runs (*.config.json) under {directory}")
+    sections = ["# memshare eval report"]
+    for dataset in sorted({r["dataset"] for r in runs}):
+        sections.append(_section(directory, dataset, sorted((r for r in runs if r["dataset"] == dataset), key=_order)))
+    text = "\n\n".join(sections) + "\n"
+    (directory / "report.md").write_text(text)
+    return text
