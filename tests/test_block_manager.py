@@ -29,7 +29,7 @@ def check_invariants(bm: BlockManager, seqs: list[Sequence]) -> None:
     for block_hash, block_id in bm.hash_to_block.items():
         assert bm.blocks[block_id].block_hash == block_hash
     for seq in seqs:
-        assert len(seq.block_table) == bm.blocks_needed(seq.num_computed_tokens)
+        assert len(seq.block_table) == bm.blocks_needed(seq.num_cached_kv_tokens)
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
@@ -68,10 +68,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
         else:
             self.preempt(index)
 
-    @precondition(lambda self: self.running)
+    @precondition(lambda self: any(not s.num_evicted_tokens for s in self.running))
     @rule(index=st.integers(0, 100))
     def fork(self, index: int) -> None:
-        parent = self.running[index % len(self.running)]
+        parents = [s for s in self.running if not s.num_evicted_tokens]  # the engine forks prompts only
+        parent = parents[index % len(parents)]
         child = self._new(parent.token_ids)
         num_blocks = (parent.num_computed_tokens - 1) // BLOCK_SIZE
         self.bm.fork(parent, child, num_blocks)
@@ -83,12 +84,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.bm.free(child)
             assert not child.block_table
 
-    @precondition(lambda self: any(s.num_computed_tokens >= 2 * BLOCK_SIZE for s in self.running))
+    @precondition(lambda self: any(s.num_cached_kv_tokens >= 2 * BLOCK_SIZE for s in self.running))
     @rule(index=st.integers(0, 100), entry=st.integers(0, 100), source=st.integers(0, 100))
     def share(self, index: int, entry: int, source: int) -> None:
-        candidates = [s for s in self.running if s.num_computed_tokens >= 2 * BLOCK_SIZE]
+        candidates = [s for s in self.running if s.num_cached_kv_tokens >= 2 * BLOCK_SIZE]
         seq = candidates[index % len(candidates)]
-        num_full = seq.num_computed_tokens // BLOCK_SIZE
+        num_full = seq.num_cached_kv_tokens // BLOCK_SIZE
         entry = 1 + entry % (num_full - 1)
         source = source % entry
         table = seq.block_table
@@ -102,6 +103,28 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert table[entry] == target
         assert (duplicate in self.bm.free_queue) == (others == 0)
 
+    @precondition(lambda self: any(s.num_cached_kv_tokens >= BLOCK_SIZE for s in self.running))
+    @rule(index=st.integers(0, 100), picks=st.lists(st.integers(0, 100), min_size=1, max_size=3))
+    def evict(self, index: int, picks: list[int]) -> None:
+        candidates = [s for s in self.running if s.num_cached_kv_tokens >= BLOCK_SIZE]
+        seq = candidates[index % len(candidates)]
+        num_full = seq.num_cached_kv_tokens // BLOCK_SIZE
+        entries = sorted({p % num_full for p in picks})
+        dropped = [seq.block_table[e] for e in entries]
+        kept = [b for e, b in enumerate(seq.block_table) if e not in entries]
+        evicted_before, computed_before = seq.num_evicted_tokens, seq.num_computed_tokens
+        self.bm.evict(seq, entries)
+        assert seq.block_table == kept  # the partial block being written is never among the full entries
+        assert seq.num_evicted_tokens == evicted_before + len(entries) * BLOCK_SIZE
+        assert seq.num_computed_tokens == computed_before
+        for block_id in dropped:
+            assert (block_id in self.bm.free_queue) == all(block_id not in s.block_table for s in self.running)
+        with pytest.raises(ValueError, match="outside"):
+            self.bm.evict(seq, [len(seq.block_table)])
+        if seq.num_cached_kv_tokens % BLOCK_SIZE:
+            with pytest.raises(ValueError, match="not full"):
+                self.bm.evict(seq, [len(seq.block_table) - 1])
+
     @precondition(lambda self: self.running)
     @rule(index=st.integers(0, 100))
     def free(self, index: int) -> None:
@@ -112,7 +135,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def preempt(self, index: int) -> None:
         seq = self.running.pop(index % len(self.running))
         self.bm.free(seq)
-        assert seq.num_computed_tokens == 0 and not seq.block_table
+        assert seq.num_computed_tokens == seq.num_evicted_tokens == 0 and not seq.block_table
 
     @invariant()
     def invariants(self) -> None:

@@ -53,6 +53,7 @@ class LLMEngine:
                                           config.enable_prefix_caching, self.model_runner.kv_caches)
         self.policy = make_policy(config.share, self.block_manager, lambda t: self.tokenizer.decode([t]),
                                   self.model_runner.unrotate_keys)
+        self.model_runner.capture_queries = self.policy.needs_queries
         self.scheduler = Scheduler(config, self.block_manager)
         self.max_model_len = self._max_model_len()
         self.requests: dict[str, Request] = {}
@@ -139,6 +140,9 @@ class LLMEngine:
         sampled, tokens, logprobs = self.model_runner.run(batch)
         for seq, num_new in batch:
             seq.num_computed_tokens += num_new
+        if self.model_runner.decode_queries is not None:
+            for (seq, _), query in zip(batch, self.model_runner.decode_queries):
+                self.policy.observe(seq, query)
         finished: list[RequestOutput] = []
         for seq, token, logprob in zip(sampled, tokens, logprobs):
             self._append_token(seq, token, logprob)

@@ -40,6 +40,8 @@ class ModelRunner:
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
         self.eos_token_ids.discard(None)
+        self.capture_queries = False
+        self.decode_queries: torch.Tensor | None = None  # [decodes, layers, heads, head_dim] of the last step
         self.sampler = Sampler(self.eos_token_ids, lambda t: self.tokenizer.decode([t]))
 
     @property
@@ -111,8 +113,10 @@ class ModelRunner:
             if seq.num_computed_tokens + num_new == seq.num_tokens:
                 last_rows.append(row - 1)
                 sampled.append(seq)
+        queries: list[torch.Tensor] | None = [] if self.capture_queries else None
         out = self.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
-                         logits_to_keep=self._tensor(last_rows), paged=PagedContext(self.kv_caches, meta))
+                         logits_to_keep=self._tensor(last_rows), paged=PagedContext(self.kv_caches, meta, queries))
+        self.decode_queries = torch.stack(queries, 1) if queries and meta.num_decodes else None
         if not sampled:
             return [], [], []
         tokens, logprobs = self.sampler(out.logits[0], sampled)

@@ -39,6 +39,7 @@ class AttentionMetadata:
 class PagedContext:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
     metadata: AttentionMetadata
+    decode_queries: list[torch.Tensor] | None = None  # per layer, filled when an eviction policy scores attention
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,8 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
     q = query[0].transpose(0, 1)  # [T, heads, d]
+    if paged.decode_queries is not None:
+        paged.decode_queries.append(q[: meta.num_decodes].clone())
     scale = scaling if scaling is not None else head_dim**-0.5
     if not meta.prefills:
         return decode_attention(q, k_cache, v_cache, meta, scale).unsqueeze(0), None

@@ -1,5 +1,7 @@
 """The hooks the engine calls between steps; the base policy is dense attention (`policy="none"`)."""
 
+import torch
+
 from memshare.engine.block_manager import BlockManager
 from memshare.engine.sequence import Sequence
 
@@ -17,10 +19,15 @@ def duplicate_entries(seq: Sequence, start: int = 0) -> int:
 class SharingPolicy:
     """Dense: never shares. Subclasses edit block tables through the block manager in `after_step`."""
 
+    needs_queries = False  # True: the engine passes each decoded token's attention query to `observe`
+
     def __init__(self, block_manager: BlockManager) -> None:
         self.block_manager = block_manager
         self.generated_blocks = 0
         self.affected_blocks = 0
+
+    def observe(self, seq: Sequence, query: torch.Tensor) -> None:
+        """The query [layers, heads, head_dim] of `seq`'s latest decoded token, if `needs_queries`."""
 
     def after_step(self, running: list[Sequence]) -> None:
         """Called after every engine step with the running sequences (their new tokens appended)."""

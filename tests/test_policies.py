@@ -1,0 +1,138 @@
+"""Baselines in the same block pool: random sharing and the eviction policies (StreamingLLM, H2O, R-KV)."""
+
+from collections import Counter
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from memshare import EngineConfig, SamplingParams, ShareConfig
+from memshare.engine.llm_engine import LLMEngine
+from memshare.eval.policies import matched, parse_policies
+
+from .conftest import MODEL
+
+LONG = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
+
+
+def make_engine(**share) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=MODEL, kv_cache_memory="64MiB", log_stats_interval=0,
+                                  share=ShareConfig(**share)))
+
+
+def check_ref_counts(engine: LLMEngine) -> None:
+    refs = Counter(b for seq in engine.scheduler.running for b in seq.block_table)
+    assert all(block.ref_cnt == refs[block.block_id] for block in engine.block_manager.blocks)
+
+
+def run_checked(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, budget: int, slack: int = 0):
+    """Step to completion; after each step every decoding sequence holds at most budget (+ slack) generated
+    entries, the entry being written survived, and ref counts equal table references. Returns max entries."""
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, params)
+    most = 0
+    while engine.has_unfinished_requests():
+        last = {seq.seq_id: seq.block_table[-1] for seq in engine.scheduler.running if seq.block_table}
+        engine.step()
+        check_ref_counts(engine)
+        for seq in engine.scheduler.running:
+            if seq.seq_id in last:
+                assert last[seq.seq_id] in seq.block_table, "evicted the block being written"
+            if seq.num_computed_tokens == seq.num_tokens - 1:
+                generated = len(seq.block_table) - engine.policy.first_generated_block(seq)
+                assert generated <= budget + slack
+                most = max(most, generated)
+    assert engine.block_manager.num_used_blocks == 0 and not engine.policy.states
+    return most
+
+
+@pytest.mark.parametrize("policy", ["streamingllm", "h2o"])
+def test_eviction_keeps_exactly_its_budget(policy, prompts):
+    engine = make_engine(policy=policy, kv_budget=3)
+    assert run_checked(engine, prompts[:3], LONG, budget=3) == 3
+    stats = engine.get_stats()
+    assert stats["blocks_evicted"] >= 3 * (96 // 16 - 3 - 1)  # 96 tokens fill 5-6 generated blocks
+    assert stats["affected_ratio"] == stats["blocks_evicted"] / engine.policy.generated_blocks
+    assert stats["memory_saved_peak"] > 0
+
+
+def test_rkv_compresses_every_interval_to_its_budget(prompts):
+    engine = make_engine(policy="rkv", kv_budget=2, compress_interval=32)
+    # Between compressions it grows by 32 tokens: two blocks, three when the kept last block was partial.
+    assert run_checked(engine, prompts[:2], LONG, budget=2, slack=3) > 2
+    assert engine.get_stats()["blocks_evicted"] > 0
+
+
+def test_fractional_budget_keeps_that_share_of_generated_blocks(prompts):
+    engine = make_engine(policy="h2o", kv_budget=0.5)
+    engine.add_request("0", prompts[0], LONG)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert 0.35 <= engine.get_stats()["affected_ratio"] <= 0.55  # ceil(half) of the generated blocks kept
+
+
+def test_evicted_tokens_are_masked_and_positions_kept(model_dir, prompts):
+    """StreamingLLM's greedy tokens equal HF's with, per query, the tokens evicted before it masked out.
+
+    Cached tokens keep the KV computed while they could still see now-evicted tokens, so the reference is one
+    forward pass with a per-query (4D) mask, positions unchanged.
+    """
+    engine = make_engine(policy="streamingllm", kv_budget=1)
+    engine.add_request("0", prompts[0], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
+    seq = engine.requests["0"].seqs[0]
+    total = seq.num_prompt_tokens + 64
+    visible = torch.ones(total, total).tril().bool()
+    while engine.has_unfinished_requests():
+        state = engine.policy.states.get(seq.seq_id)
+        query = seq.num_tokens - 1
+        if state:  # entries the policy kept, plus anything appended to the table since
+            kept = [p for start in state.positions for p in range(start, start + 16)]
+            visible[query] = False
+            visible[query, [p for p in kept if p <= query] + list(range(max(kept) + 1, query + 1))] = True
+        engine.step()
+    assert engine.policy.blocks_evicted >= 3 and not visible[-2, seq.num_prompt_tokens + 16]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    tokens = torch.tensor([seq.token_ids[:-1]])
+    with torch.inference_mode():
+        logits = model(tokens, attention_mask=visible[:-1, :-1][None, None],
+                       position_ids=torch.arange(total - 1).unsqueeze(0)).logits[0]
+    expected = logits[seq.num_prompt_tokens - 1 :].argmax(-1).tolist()
+    assert expected == seq.output_token_ids
+
+
+def test_random_sharing_reproduces_the_requested_ratio(prompts):
+    engine = make_engine(policy="random", share_ratio=0.25, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    for i, ids in enumerate(prompts * 2):
+        engine.add_request(str(i), ids, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+        check_ref_counts(engine)
+        for seq in engine.scheduler.running:  # only generated blocks, only with an earlier entry
+            first = engine.policy.first_generated_block(seq)
+            assert len(set(seq.block_table[:first])) == first
+    stats = engine.get_stats()
+    assert stats["blocks_shared"] > 20
+    assert abs(stats["affected_ratio"] - 0.25) <= 0.02
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_policy_specs_parse_and_match():
+    none, mem, rand, h2o = parse_policies("none,memshare:block_threshold=0.61:stage1=lsh,random:share_ratio=memshare,"
+                                          "h2o:kv_budget=memshare:recent_fraction=0.25")
+    assert mem.share.block_threshold == 0.61 and mem.share.stage1 == "lsh" and mem.label.startswith("memshare(")
+    assert matched(rand, 0.2).share_ratio == 0.2 and rand.label == "random(share_ratio=memshare)"
+    assert matched(h2o, 0.2).kv_budget == pytest.approx(0.8) and h2o.share.recent_fraction == 0.25
+    assert none.label == "none"
+    for bad, message in (("dense", "unknown policy"), ("h2o:budget=3", "bad override"),
+                         ("h2o:kv_budget=x", "bad value"), ("h2o:kv_budget=1.5", "whole"), ("", "no policy")):
+        with pytest.raises(ValueError, match=message):
+            parse_policies(bad)
+
+
+@pytest.mark.parametrize("field, value", [("share_ratio", 1.5), ("kv_budget", 0), ("kv_budget", 2.5),
+                                          ("recent_fraction", -0.1), ("compress_interval", 0),
+                                          ("stage2", "manhattan"), ("stage1", "tfidf")])
+def test_share_config_rejects_bad_baseline_parameters(field, value):
+    with pytest.raises(ValueError, match=field):
+        ShareConfig(**{field: value})
