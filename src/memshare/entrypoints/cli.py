@@ -126,6 +126,60 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                                          "unrelated_other_requests": result.unrelated_other_requests}))
 
 
+def add_policy_args(parser: argparse.ArgumentParser, policies: str) -> None:
+    """`--policies` and the ShareConfig flags its `policy:field=value` specs start from (with add_share_args)."""
+    share = ShareConfig()
+    parser.add_argument("--policies", default=policies, help="policy[:field=value...] specs run in order, e.g. "
+                        "none,memshare:block_threshold=0.61,random:share_ratio=memshare,h2o:kv_budget=memshare")
+    parser.add_argument("--stage2", default=share.stage2, help="euclidean or cosine")
+    parser.add_argument("--share-ratio", type=float, default=share.share_ratio)
+    parser.add_argument("--kv-budget", type=float, default=share.kv_budget,
+                        help="blocks kept per request by eviction policies (below 1: fraction)")
+    parser.add_argument("--recent-fraction", type=float, default=share.recent_fraction)
+    parser.add_argument("--compress-interval", type=int, default=share.compress_interval)
+    parser.add_argument("--rkv-lambda", type=float, default=share.rkv_lambda)
+
+
+def policy_specs(args: argparse.Namespace) -> list:
+    from dataclasses import replace
+
+    from memshare.eval.policies import parse_policies
+
+    if args.share != "none":
+        raise ValueError(f"{args.command} runs the policies of --policies; --share does not apply")
+    share = replace(share_config(args), stage2=args.stage2, share_ratio=args.share_ratio, kv_budget=args.kv_budget,
+                    recent_fraction=args.recent_fraction, compress_interval=args.compress_interval,
+                    rkv_lambda=args.rkv_lambda)
+    return parse_policies(args.policies, share)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from memshare.eval.bench import markdown_table, run_bench, save
+    from memshare.eval.datasets import load_problems
+
+    specs = policy_specs(args)
+    problems = load_problems("gsm8k", args.num_requests)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    engine = engine_kwargs(args) | {"log_stats_interval": 0}
+    del engine["share"]
+    results = run_bench(args.model, specs, problems, params, args.seed, **engine)
+    title = f"{args.model}, {len(problems)} GSM8K requests, KV {results[0].stats['num_kv_blocks']} blocks"
+    json_path, png_path = save(results, args.out, title)
+    print(f"\n{markdown_table(results)}\n\nwrote {json_path} and {png_path}")
+
+
+def cmd_fidelity(args: argparse.Namespace) -> None:
+    from memshare.eval.fidelity import load_traces, markdown_table, model_tokenizer, run_fidelity, save
+
+    specs = policy_specs(args)
+    engine = engine_kwargs(args) | {"log_stats_interval": 0}
+    del engine["share"]
+    traces = load_traces(model_tokenizer(args.model), args.num_traces, args.max_tokens)
+    results = run_fidelity(args.model, specs, traces, **engine)
+    paths = save(results, args.out, f"{args.model}, {len(traces)} MATH-500 traces")
+    print(f"\n{markdown_table(results)}\n\nwrote {', '.join(map(str, paths))}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
@@ -187,6 +241,34 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest acceptable share rate among unrelated block pairs")
     cal.add_argument("--json", type=Path, default=None, help="also write the distributions here")
     cal.set_defaults(func=cmd_calibrate)
+
+    # conflict_handler="resolve" as for eval: add_policy_args' flags may later move into add_share_args.
+    bench = sub.add_parser("bench", conflict_handler="resolve",
+                           help="concurrent GSM8K requests under one KV budget, per policy: throughput, KV blocks, "
+                                "preemptions, TTFT/TPOT percentiles")
+    add_engine_args(bench)
+    add_share_args(bench)
+    add_policy_args(bench, "none,memshare")
+    bench.set_defaults(kv_cache_memory="256MiB")
+    bench.add_argument("--num-requests", type=int, default=64)
+    bench.add_argument("--max-tokens", type=int, default=512)
+    bench.add_argument("--temperature", type=float, default=0.6)
+    bench.add_argument("--top-p", type=float, default=0.95)
+    bench.add_argument("--seed", type=int, default=0, help="request i samples with seed + i")
+    bench.add_argument("--out", type=Path, default=Path("results/bench"))
+    bench.set_defaults(func=cmd_bench)
+
+    fid = sub.add_parser("fidelity", conflict_handler="resolve",
+                         help="teacher-force MATH-500 traces through dense and each policy in lockstep: KL(dense || "
+                              "policy) and top-1 agreement per token (the KV cache holds every trace at once unless "
+                              "--num-kv-blocks is given)")
+    add_engine_args(fid)
+    add_share_args(fid)
+    add_policy_args(fid, "memshare")
+    fid.add_argument("--num-traces", type=int, default=16)
+    fid.add_argument("--max-tokens", type=int, default=1024, help="forced tokens per trace (solution twice)")
+    fid.add_argument("--out", type=Path, default=Path("results/fidelity"))
+    fid.set_defaults(func=cmd_fidelity)
 
     # "resolve": should add_share_args gain one of the baseline flags below, it replaces ours instead of clashing.
     ev = sub.add_parser("eval", conflict_handler="resolve",

@@ -57,6 +57,8 @@ class MemSharePolicy(SharingPolicy):
         self.blocks_shared = 0
         self.stage1_candidates = 0
         self.stage2_pairs = 0
+        # (seq_id, entry, source entry, stage-2 similarity) of every share, for fidelity analysis.
+        self.share_log: list[tuple[int, int, int, float]] = []
 
     def after_step(self, running: list[Sequence]) -> None:
         for seq in running:
@@ -153,3 +155,4 @@ class MemSharePolicy(SharingPolicy):
             if score >= self.config.block_threshold:
                 self.block_manager.share(seq, entry, columns[column])
                 self.blocks_shared += 1
+                self.share_log.append((seq.seq_id, entry, columns[column], score))

