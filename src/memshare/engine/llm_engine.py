@@ -13,7 +13,7 @@ from memshare.engine.sequence import Sequence, SequenceStatus
 from memshare.errors import KVCacheTooSmallError, PromptTooLongError
 from memshare.outputs import CompletionOutput, RequestOutput
 from memshare.sampling_params import SamplingParams
-from memshare.sharing import make_policy
+from memshare.sharing import ModelAccess, make_policy
 
 logger = logging.getLogger("memshare")
 
@@ -51,8 +51,9 @@ class LLMEngine:
         self.tokenizer = self.model_runner.tokenizer
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching, self.model_runner.kv_caches)
-        self.policy = make_policy(config.share, self.block_manager, lambda t: self.tokenizer.decode([t]),
-                                  self.model_runner.unrotate_keys)
+        self.policy = make_policy(config.share, self.block_manager,
+                                  ModelAccess(self.tokenizer.decode, self.model_runner.unrotate_keys,
+                                              self.model_runner.embed_tokens))
         self.model_runner.capture_queries = self.policy.needs_queries
         self.scheduler = Scheduler(config, self.block_manager)
         self.max_model_len = self._max_model_len()

@@ -64,6 +64,11 @@ class ModelRunner:
         # RoPE is x*cos + rotate_half(x)*sin; rotating back by the same angle flips the sign of sin.
         return torch.cat((head * cos - rotated_half * sin, tail), dim=-1)
 
+    @torch.inference_mode()
+    def embed_tokens(self, token_ids: list[int]) -> torch.Tensor:
+        """The model's input embeddings of `token_ids`: [n, hidden]."""
+        return self.model.get_input_embeddings()(self._tensor(token_ids))
+
     def _tensor(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
 

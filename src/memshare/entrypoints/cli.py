@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from memshare.config import POLICIES, STAGE1_ENCODERS, EngineConfig, ShareConfig
+from memshare.config import POLICIES, STAGE1_ENCODERS, STAGE2_METRICS, EngineConfig, ShareConfig
 from memshare.errors import MemShareError
 from memshare.eval.datasets import DEFAULT_INSTRUCTION
 from memshare.sampling_params import SamplingParams
@@ -36,11 +36,25 @@ def add_share_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage1", default=defaults.stage1, choices=STAGE1_ENCODERS,
                         help="bow: cosine against every earlier step; lsh: hyperplane-LSH buckets first")
     parser.add_argument("--min-step-tokens", type=int, default=defaults.min_step_tokens)
+    parser.add_argument("--stage2", default=defaults.stage2, choices=STAGE2_METRICS,
+                        help="block similarity: normalized Euclidean (MemShare) or cosine (ablation)")
+    parser.add_argument("--share-ratio", type=float, default=defaults.share_ratio,
+                        help="random: fraction of generated blocks shared")
+    parser.add_argument("--kv-budget", type=float, default=defaults.kv_budget,
+                        help="eviction policies: generated blocks kept per request (below 1: that fraction)")
+    parser.add_argument("--recent-fraction", type=float, default=defaults.recent_fraction,
+                        help="h2o: share of the budget kept as the recent window")
+    parser.add_argument("--compress-interval", type=int, default=defaults.compress_interval,
+                        help="rkv: compress every N generated tokens")
+    parser.add_argument("--rkv-lambda", type=float, default=defaults.rkv_lambda,
+                        help="rkv: weight of attention importance against key redundancy")
 
 
 def share_config(args: argparse.Namespace) -> ShareConfig:
     return ShareConfig(policy=args.share, step_threshold=args.step_threshold, block_threshold=args.block_threshold,
-                       stage1=args.stage1, min_step_tokens=args.min_step_tokens)
+                       stage1=args.stage1, min_step_tokens=args.min_step_tokens, stage2=args.stage2,
+                       share_ratio=args.share_ratio, kv_budget=args.kv_budget, recent_fraction=args.recent_fraction,
+                       compress_interval=args.compress_interval, rkv_lambda=args.rkv_lambda)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -127,30 +141,22 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def add_policy_args(parser: argparse.ArgumentParser, policies: str) -> None:
-    """`--policies` and the ShareConfig flags its `policy:field=value` specs start from (with add_share_args)."""
-    share = ShareConfig()
+    """The share flags, which `--policies` specs (`policy:field=value`) start from."""
+    add_share_args(parser)
     parser.add_argument("--policies", default=policies, help="policy[:field=value...] specs run in order, e.g. "
                         "none,memshare:block_threshold=0.61,random:share_ratio=memshare,h2o:kv_budget=memshare")
-    parser.add_argument("--stage2", default=share.stage2, help="euclidean or cosine")
-    parser.add_argument("--share-ratio", type=float, default=share.share_ratio)
-    parser.add_argument("--kv-budget", type=float, default=share.kv_budget,
-                        help="blocks kept per request by eviction policies (below 1: fraction)")
-    parser.add_argument("--recent-fraction", type=float, default=share.recent_fraction)
-    parser.add_argument("--compress-interval", type=int, default=share.compress_interval)
-    parser.add_argument("--rkv-lambda", type=float, default=share.rkv_lambda)
+
+
+def policy_defaults(args: argparse.Namespace) -> ShareConfig:
+    if args.share != "none":
+        raise ValueError(f"{args.command} runs the policies of --policies; --share does not apply")
+    return share_config(args)
 
 
 def policy_specs(args: argparse.Namespace) -> list:
-    from dataclasses import replace
-
     from memshare.eval.policies import parse_policies
 
-    if args.share != "none":
-        raise ValueError(f"{args.command} runs the policies of --policies; --share does not apply")
-    share = replace(share_config(args), stage2=args.stage2, share_ratio=args.share_ratio, kv_budget=args.kv_budget,
-                    recent_fraction=args.recent_fraction, compress_interval=args.compress_interval,
-                    rkv_lambda=args.rkv_lambda)
-    return parse_policies(args.policies, share)
+    return parse_policies(args.policies, policy_defaults(args))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -181,15 +187,9 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
     from memshare.eval.harness import EvalConfig, run_eval
 
-    if args.share != "none":
-        raise ValueError("eval runs the policies of --policies; --share does not apply")
-    share = replace(share_config(args), stage2=args.stage2, share_ratio=args.share_ratio, kv_budget=args.kv_budget,
-                    recent_fraction=args.recent_fraction, compress_interval=args.compress_interval,
-                    rkv_lambda=args.rkv_lambda)
+    share = policy_defaults(args)
     engine = engine_kwargs(args)
     del engine["share"]
     config = EvalConfig(model=args.model, dataset=args.dataset, out=args.out, policies=args.policies, share=share,
@@ -242,12 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--json", type=Path, default=None, help="also write the distributions here")
     cal.set_defaults(func=cmd_calibrate)
 
-    # conflict_handler="resolve" as for eval: add_policy_args' flags may later move into add_share_args.
-    bench = sub.add_parser("bench", conflict_handler="resolve",
-                           help="concurrent GSM8K requests under one KV budget, per policy: throughput, KV blocks, "
-                                "preemptions, TTFT/TPOT percentiles")
+    bench = sub.add_parser("bench", help="concurrent GSM8K requests under one KV budget, per policy: throughput, "
+                           "KV blocks, preemptions, TTFT/TPOT percentiles")
     add_engine_args(bench)
-    add_share_args(bench)
     add_policy_args(bench, "none,memshare")
     bench.set_defaults(kv_cache_memory="256MiB")
     bench.add_argument("--num-requests", type=int, default=64)
@@ -258,37 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("results/bench"))
     bench.set_defaults(func=cmd_bench)
 
-    fid = sub.add_parser("fidelity", conflict_handler="resolve",
-                         help="teacher-force MATH-500 traces through dense and each policy in lockstep: KL(dense || "
-                              "policy) and top-1 agreement per token (the KV cache holds every trace at once unless "
-                              "--num-kv-blocks is given)")
+    fid = sub.add_parser("fidelity", help="teacher-force MATH-500 traces through dense and each policy in "
+                         "lockstep: KL(dense || policy) and top-1 agreement per token (the KV cache holds every trace "
+                         "at once unless --num-kv-blocks is given)")
     add_engine_args(fid)
-    add_share_args(fid)
     add_policy_args(fid, "memshare")
     fid.add_argument("--num-traces", type=int, default=16)
     fid.add_argument("--max-tokens", type=int, default=1024, help="forced tokens per trace (solution twice)")
     fid.add_argument("--out", type=Path, default=Path("results/fidelity"))
     fid.set_defaults(func=cmd_fidelity)
 
-    # "resolve": should add_share_args gain one of the baseline flags below, it replaces ours instead of clashing.
-    ev = sub.add_parser("eval", conflict_handler="resolve",
-                        help="pass@1 and KV stats of sharing policies on a dataset, one resumable JSONL per run")
+    ev = sub.add_parser("eval", help="pass@1 and KV stats of sharing policies on a dataset, one resumable JSONL "
+                        "per run")
     add_engine_args(ev)
-    add_share_args(ev)
-    share = ShareConfig()
+    add_policy_args(ev, "none,memshare")
     ev.add_argument("--dataset", required=True, help="gsm8k, math500, or a JSONL file")
     ev.add_argument("--problem-field", default="problem", help="JSONL field holding the problem")
     ev.add_argument("--answer-field", default="answer", help="JSONL field holding the reference answer")
     ev.add_argument("--limit", type=int, default=None, help="the first N problems (default: all)")
-    ev.add_argument("--policies", default="none,memshare", help="policy[:field=value...] specs, run in order, e.g. "
-                    "none,memshare:block_threshold=0.61,random:share_ratio=memshare,h2o:kv_budget=memshare")
-    ev.add_argument("--stage2", default=share.stage2, help="euclidean or cosine")
-    ev.add_argument("--share-ratio", type=float, default=share.share_ratio)
-    ev.add_argument("--kv-budget", type=float, default=share.kv_budget,
-                    help="blocks kept per request by eviction policies (below 1: fraction)")
-    ev.add_argument("--recent-fraction", type=float, default=share.recent_fraction)
-    ev.add_argument("--compress-interval", type=int, default=share.compress_interval)
-    ev.add_argument("--rkv-lambda", type=float, default=share.rkv_lambda)
     ev.add_argument("--samples", type=int, default=1, help="samples per problem; pass@1 averages them")
     ev.add_argument("--temperature", type=float, default=0.6)
     ev.add_argument("--top-p", type=float, default=0.95)

@@ -13,8 +13,8 @@ from memshare.eval.policies import LABEL_FIELDS
 
 # The knobs always shown for a policy that has them, even at their default.
 KEY_PARAMETERS = ("step_threshold", "block_threshold", "share_ratio", "kv_budget")
-COLUMNS = ("policy", "parameters", "pass@1 ± CI", "N problems", "memory saved (mean / peak)", "affected ratio",
-           "tokens/s", "mean output length", "preemptions")
+COLUMNS = ("policy", "parameters", "pass@1 ± CI", "Δ vs dense (paired)", "N problems", "memory saved (mean / peak)",
+           "affected ratio", "tokens/s", "mean output length", "preemptions")
 
 
 def safe_name(text: str) -> str:
@@ -55,6 +55,22 @@ def score(records: list[dict[str, Any]]) -> dict[str, Any]:
             "affected_ratio": sum(r["kv_blocks_affected"] for r in records) / generated if generated else 0.0}
 
 
+def problem_passes(records: list[dict[str, Any]]) -> dict[str, float]:
+    return {r["problem_id"]: sum(s["correct"] for s in r["samples"]) / len(r["samples"]) for r in records}
+
+
+def paired_delta(passes: dict[str, float], dense: dict[str, float]) -> tuple[float, float, int]:
+    """Mean per-problem pass@1 difference to dense over the problems both ran, its 95% CI, and that count.
+
+    Same problems and seeds on both sides: a problem the policy leaves unchanged differs by 0, so the paired CI is
+    much tighter than the two runs' own CIs.
+    """
+    diffs = [passes[k] - dense[k] for k in passes.keys() & dense.keys()]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else 0.0
+    return mean, 1.96 * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else 0.0, n
+
+
 def load_runs(directory: Path) -> list[dict[str, Any]]:
     """Every run under `directory` (recursively): its config, score from the JSONL, and summary if written."""
     runs = []
@@ -62,9 +78,9 @@ def load_runs(directory: Path) -> list[dict[str, Any]]:
         stem = config_path.name.removesuffix(".config.json")
         config = json.loads(config_path.read_text())
         summary_path = config_path.with_name(f"{stem}.summary.json")
+        records = read_records(config_path.with_name(f"{stem}.jsonl"))[0]
         runs.append({"name": config["run"], "policy": config["share"]["policy"], "config": config,
-                     "dataset": config["dataset"]["name"], "score": score(read_records(
-                         config_path.with_name(f"{stem}.jsonl"))[0]),
+                     "dataset": config["dataset"]["name"], "score": score(records), "passes": problem_passes(records),
                      "summary": json.loads(summary_path.read_text()) if summary_path.exists() else {}})
     return runs
 
@@ -79,7 +95,14 @@ def _parameters_text(run: dict[str, Any]) -> str:
     return (text + f" (matched to {matched['memshare_run']})" if matched else text) or "–"
 
 
-def _row(run: dict[str, Any]) -> str:
+def _delta_text(run: dict[str, Any], dense: dict[str, Any] | None) -> str:
+    if dense is None or run is dense:
+        return "–"
+    mean, ci, n = paired_delta(run["passes"], dense["passes"])
+    return f"{mean:+.1%} ± {ci:.1%}" if n else "–"
+
+
+def _row(run: dict[str, Any], dense: dict[str, Any] | None = None) -> str:
     s, summary = run["score"], run["summary"]
     total = run["config"]["dataset"]["num_problems"]
     n = f"{s['num_problems']}" + ("" if s["num_problems"] == total else f" of {total}")
@@ -87,7 +110,8 @@ def _row(run: dict[str, Any]) -> str:
     if summary:
         engine = [f"{summary['memory_saved_mean']:.1%} / {summary['memory_saved_peak']:.1%}",
                   f"{summary['generation_tokens_per_s']:.1f}", str(summary["num_preemptions"])]
-    cells = [run["policy"], _parameters_text(run), f"{s['pass@1']:.1%} ± {s['ci95']:.1%}", n, engine[0],
+    cells = [run["policy"], _parameters_text(run), f"{s['pass@1']:.1%} ± {s['ci95']:.1%}", _delta_text(run, dense), n,
+             engine[0],
              f"{s['affected_ratio']:.1%}", engine[1], f"{s['mean_output_tokens']:.0f}", engine[2]]
     return "| " + " | ".join(cells) + " |"
 
@@ -151,8 +175,9 @@ def plot_threshold_sweep(title: str, runs: list[dict[str, Any]], path: Path) -> 
 
 def _section(directory: Path, dataset: str, runs: list[dict[str, Any]]) -> str:
     models = ", ".join(sorted({r["config"]["model"] for r in runs}))
+    dense = {r["config"]["model"]: r for r in runs if r["policy"] == "none"}
     lines = [f"## {dataset}", "", f"model: {models}", "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS), *map(_row, runs), ""]
+             "|" + "---|" * len(COLUMNS), *(_row(r, dense.get(r["config"]["model"])) for r in runs), ""]
     pareto = f"{safe_name(dataset)}_accuracy_vs_memory.png"
     plot_accuracy_vs_memory(dataset, runs, directory / pareto)
     lines.append(f"![accuracy vs. memory saved]({pareto})")

@@ -4,21 +4,17 @@ measured against (random sharing, StreamingLLM, H2O, R-KV), each a policy the en
 All reach the KV cache only through the block manager's public methods (`read_kv`, `share`, `evict`).
 """
 
-from collections.abc import Callable
-
 from memshare.config import ShareConfig
 from memshare.engine.block_manager import BlockManager
 from memshare.sharing.eviction import EvictionPolicy, H2OPolicy, RKVPolicy
 from memshare.sharing.memshare import MemSharePolicy
-from memshare.sharing.policy import SharingPolicy
+from memshare.sharing.policy import ModelAccess, SharingPolicy
 from memshare.sharing.random_share import RandomSharePolicy
-from memshare.sharing.stage2 import UnrotateKeys
 
 
-def make_policy(config: ShareConfig, block_manager: BlockManager, decode_token: Callable[[int], str],
-                unrotate_keys: UnrotateKeys) -> SharingPolicy:
+def make_policy(config: ShareConfig, block_manager: BlockManager, model: ModelAccess) -> SharingPolicy:
     if config.policy == "memshare":
-        return MemSharePolicy(config, block_manager, decode_token, unrotate_keys)
+        return MemSharePolicy(config, block_manager, model)
     if config.policy == "random":
         return RandomSharePolicy(config, block_manager)
     eviction = {"streamingllm": EvictionPolicy, "h2o": H2OPolicy, "rkv": RKVPolicy}.get(config.policy)
@@ -27,5 +23,5 @@ def make_policy(config: ShareConfig, block_manager: BlockManager, decode_token: 
     return SharingPolicy(block_manager)
 
 
-__all__ = ["EvictionPolicy", "H2OPolicy", "MemSharePolicy", "RKVPolicy", "RandomSharePolicy", "SharingPolicy",
-           "make_policy"]
+__all__ = ["EvictionPolicy", "H2OPolicy", "MemSharePolicy", "ModelAccess", "RKVPolicy", "RandomSharePolicy",
+           "SharingPolicy", "make_policy"]

@@ -66,7 +66,7 @@ def probe_tokens(prompt: list[int], answer: list[int], filler: int, block_size: 
 
 
 def score(engine: LLMEngine, pairs: list[tuple[Sequence, int, Sequence, int]]) -> list[float]:
-    """Stage-2 similarity of (sequence, block index) pairs, one vectorized pass per pair batch."""
+    """Stage-2 similarity (the engine's `stage2` metric) of (sequence, block index) pairs, batched."""
     bm, bs = engine.block_manager, engine.block_manager.block_size
     out: list[float] = []
     for start in range(0, len(pairs), 64):
@@ -75,7 +75,7 @@ def score(engine: LLMEngine, pairs: list[tuple[Sequence, int, Sequence, int]]) -
                            [i * bs for _, i, _, _ in batch])
         right = read_blocks(bm, engine.model_runner.unrotate_keys, [s.block_table[j] for _, _, s, j in batch],
                             [j * bs for _, _, _, j in batch])
-        similarity = block_similarity(left[0], left[1], right[0], right[1])
+        similarity = block_similarity(left[0], left[1], right[0], right[1], engine.config.share.stage2)
         out += torch.diagonal(similarity).tolist()
     return out
 

@@ -10,8 +10,6 @@ Per running sequence, after every engine step:
    replaced; after a preemption the recomputed blocks are compared again.
 """
 
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,9 +17,9 @@ import torch
 from memshare.config import ShareConfig
 from memshare.engine.block_manager import BlockManager
 from memshare.engine.sequence import Sequence
-from memshare.sharing.policy import SharingPolicy
-from memshare.sharing.stage1 import LSHStepIndex, StepIndex
-from memshare.sharing.stage2 import UnrotateKeys, block_similarity, read_blocks
+from memshare.sharing.policy import ModelAccess, SharingPolicy
+from memshare.sharing.stage1 import StepIndex, make_encoder
+from memshare.sharing.stage2 import block_similarity, read_blocks
 from memshare.sharing.steps import SplitState, StepSplitter
 
 
@@ -41,18 +39,18 @@ class SeqState:
     preemptions: int
     steps: list[Step] = field(default_factory=list)
     pending: list[Step] = field(default_factory=list)
-    bag: Counter = field(default_factory=Counter)
+    tokens: list[int] = field(default_factory=list)  # of the step being written
     num_seen: int = 0
 
 
 class MemSharePolicy(SharingPolicy):
-    def __init__(self, config: ShareConfig, block_manager: BlockManager, decode_token: Callable[[int], str],
-                 unrotate_keys: UnrotateKeys) -> None:
+    def __init__(self, config: ShareConfig, block_manager: BlockManager, model: ModelAccess) -> None:
         super().__init__(block_manager)
         self.config = config
         self.block_size = block_manager.block_size
-        self.splitter = StepSplitter(config, decode_token)
-        self.unrotate_keys = unrotate_keys
+        self.splitter = StepSplitter(config, lambda token: model.decode([token]))
+        self.unrotate_keys = model.unrotate_keys
+        self.encode, self.index_type = make_encoder(config, model.decode, model.embed_tokens)
         self.states: dict[int, SeqState] = {}
         self.blocks_shared = 0
         self.stage1_candidates = 0
@@ -77,11 +75,11 @@ class MemSharePolicy(SharingPolicy):
                                   "stage2_pairs": self.stage2_pairs}
 
     def _start(self, seq: Sequence) -> SeqState:
-        index = LSHStepIndex(self.config) if self.config.stage1 == "lsh" else StepIndex(self.config)
-        state = SeqState(SplitState(0), index, self.first_generated_block(seq), seq.num_preemptions)
+        state = SeqState(SplitState(0), self.index_type(self.config), self.first_generated_block(seq),
+                         seq.num_preemptions)
         for position in range(seq.num_prompt_tokens):
             self._push(state, position, seq.token_ids[position], generated=False)
-        if state.bag:
+        if state.tokens:
             self._close(state, state.split.step_start, seq.num_prompt_tokens, generated=False)
         state.split = SplitState(seq.num_prompt_tokens)
         state.num_seen = seq.num_prompt_tokens
@@ -105,14 +103,15 @@ class MemSharePolicy(SharingPolicy):
         end = self.splitter.push(state.split, position, token)
         if end == position:
             self._close(state, start, end, generated)
-        state.bag[token] += 1
+        state.tokens.append(token)
         if end == position + 1:
             self._close(state, start, end, generated)
 
     def _close(self, state: SeqState, start: int, end: int, generated: bool) -> None:
-        candidates = state.index.candidates(state.bag) if generated else []
-        state.index.add(state.bag)
-        state.bag = Counter()
+        step = self.encode(state.tokens)
+        candidates = state.index.candidates(step) if generated else []
+        state.index.add(step)
+        state.tokens = []
         self.stage1_candidates += len(candidates)
         step = Step(start, end, [i for i, _ in candidates], max(start // self.block_size, state.first_generated_block))
         state.steps.append(step)
@@ -145,7 +144,7 @@ class MemSharePolicy(SharingPolicy):
         keys, values = read_blocks(self.block_manager, self.unrotate_keys, [table[e] for e in entries],
                                    [e * self.block_size for e in entries])
         m = len(queries)
-        similarity = block_similarity(keys[:, :m], values[:, :m], keys[:, m:], values[:, m:])
+        similarity = block_similarity(keys[:, :m], values[:, :m], keys[:, m:], values[:, m:], self.config.stage2)
         mask = torch.zeros_like(similarity, dtype=torch.bool)
         for row, (_, allowed) in enumerate(queries):
             mask[row, [column_of[holder[table[a]]] for a in allowed]] = True

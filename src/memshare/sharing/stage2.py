@@ -3,12 +3,14 @@
 For blocks A and B, per layer: s_rel(X, Y) = 1 - ||X - Y|| / (||X|| + ||Y||) on the flattened block, taken
 for keys (with RoPE undone, so position does not masquerade as content) and values apart and averaged;
 the similarity is the mean over layers. Flattening all layers into one vector instead lets the larger,
-alike-looking keys dominate and scores unrelated blocks as similar.
+alike-looking keys dominate and scores unrelated blocks as similar. `stage2="cosine"` (the ablation) takes the
+cosine similarity in place of the normalized Euclidean one.
 """
 
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from memshare.engine.block_manager import BlockManager
 
@@ -22,15 +24,24 @@ def relative_similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 1 - distance / norms.clamp_min(torch.finfo(x.dtype).tiny)
 
 
+def cosine_similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [L, m, F], y [L, n, F] -> [L, m, n] of cosine similarity (the stage-2 ablation)."""
+    return F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).transpose(1, 2)
+
+
+METRICS = {"euclidean": relative_similarity, "cosine": cosine_similarity}
+
+
 def block_similarity(query_keys: torch.Tensor, query_values: torch.Tensor,
-                     keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+                     keys: torch.Tensor, values: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
     """Similarity [m, n] of m query blocks with n blocks; inputs are [L, blocks, block_size, kv_heads, head_dim]
     with RoPE already undone on the keys. One vectorized pass over layers, heads and pairs."""
     def flat(t: torch.Tensor) -> torch.Tensor:
         return t.flatten(2).float()
 
-    key_sim = relative_similarity(flat(query_keys), flat(keys))
-    value_sim = relative_similarity(flat(query_values), flat(values))
+    similarity = METRICS[metric]
+    key_sim = similarity(flat(query_keys), flat(keys))
+    value_sim = similarity(flat(query_values), flat(values))
     return ((key_sim + value_sim) / 2).mean(0)
 
 
