@@ -44,10 +44,11 @@ def test_probe_copies_are_block_aligned_and_threshold_meets_the_false_share_targ
     assert threshold == 0.95 and false_share <= 0.05 and recall == 0.5
 
 
-def test_calibrate_separates_repeats_from_unrelated_blocks(tmp_path, capsys):
+@pytest.mark.parametrize("stage2", ["euclidean", "cosine"])
+def test_calibrate_separates_repeats_from_unrelated_blocks(tmp_path, capsys, stage2):
     out = tmp_path / "calibration.json"
     main(["calibrate", "--model", MODEL, "--num-problems", "3", "--max-tokens", "96", "--kv-cache-memory", "128MiB",
-          "--json", str(out)])
+          "--json", str(out), "--stage2", stage2])
     assert "proposed block_threshold" in capsys.readouterr().out
     result = json.loads(out.read_text())
     unrelated = sorted(result["unrelated_same_request"] + result["unrelated_other_requests"])

@@ -127,7 +127,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from memshare.eval.datasets import chat_prompt, load_problems
     from memshare.sharing.calibrate import calibrate
 
-    engine = LLMEngine(EngineConfig(model=args.model, log_stats_interval=0, **engine_kwargs(args)))
+    engine = LLMEngine(EngineConfig(model=args.model, log_stats_interval=0, share=ShareConfig(stage2=args.stage2),
+                                    **engine_kwargs(args)))
     problems = load_problems(args.dataset, args.num_problems)
     prompts = [chat_prompt(engine.tokenizer, p) for p in problems]
     result = calibrate(engine, prompts, args.max_tokens, args.max_false_share)
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-false-share", type=float, default=0.01,
                      help="largest acceptable share rate among unrelated block pairs")
     cal.add_argument("--json", type=Path, default=None, help="also write the distributions here")
+    cal.add_argument("--stage2", default=ShareConfig().stage2, choices=STAGE2_METRICS, help="block similarity measured")
     cal.set_defaults(func=cmd_calibrate)
 
     bench = sub.add_parser("bench", help="concurrent GSM8K requests under one KV budget, per policy: throughput, "
