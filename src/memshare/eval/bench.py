@@ -15,6 +15,7 @@ import numpy as np
 
 from memshare.config import ShareConfig
 from memshare.entrypoints.llm import LLM
+from memshare.eval.compare import plot_kv_blocks
 from memshare.eval.datasets import Problem, chat_prompt
 from memshare.eval.policies import PolicySpec, matched
 from memshare.outputs import RequestOutput
@@ -135,11 +136,7 @@ def save(results: list[BenchResult], out_dir: Path, title: str) -> tuple[Path, P
     json_path, png_path = out_dir / "bench.json", out_dir / "bench_kv_blocks.png"
     json_path.write_text(json.dumps([asdict(r) for r in results], indent=1))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in results:
-        ax.plot([t for t, _, _ in r.kv_history], [used for _, used, _ in r.kv_history], label=r.label, linewidth=1)
-    ax.axhline(results[0].stats["num_kv_blocks"], color="grey", linestyle=":", label="KV budget")
-    ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use", title=title)
-    ax.legend(fontsize=8)
+    plot_kv_blocks(ax, [(r.label, r.kv_history) for r in results], results[0].stats["num_kv_blocks"], title)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

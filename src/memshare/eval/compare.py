@@ -66,6 +66,16 @@ def markdown_table(results: list[RunResult]) -> str:
     return "\n".join(rows)
 
 
+def plot_kv_blocks(ax: Any, runs: list[tuple[str, list[tuple[float, int, int]]]], num_kv_blocks: int,
+                   title: str) -> None:
+    """Physical KV blocks in use over engine time, one line per (label, kv_history), the budget dotted."""
+    for label, history in runs:
+        ax.plot([t for t, _, _ in history], [used for _, used, _ in history], label=label, linewidth=1)
+    ax.axhline(num_kv_blocks, color="grey", linestyle=":", label="KV budget")
+    ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use", title=title)
+    ax.legend(fontsize=8)
+
+
 def save(results: list[RunResult], out_dir: Path, title: str) -> tuple[Path, Path]:
     """Write results.json and kv_blocks.png (physical KV blocks in use over engine time, per run)."""
     import matplotlib
@@ -77,16 +87,13 @@ def save(results: list[RunResult], out_dir: Path, title: str) -> tuple[Path, Pat
     json_path, png_path = out_dir / "results.json", out_dir / "kv_blocks.png"
     json_path.write_text(json.dumps([asdict(r) for r in results], indent=1))
     fig, (blocks_ax, saved_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    plot_kv_blocks(blocks_ax, [(r.label, r.kv_history) for r in results], results[0].stats["num_kv_blocks"], title)
     for r in results:
-        times = [t for t, _, _ in r.kv_history]
-        blocks_ax.plot(times, [used for _, used, _ in r.kv_history], label=r.label, linewidth=1)
-        saved_ax.plot(times, [1 - used / logical if logical else 0 for _, used, logical in r.kv_history],
+        saved_ax.plot([t for t, _, _ in r.kv_history],
+                      [1 - used / logical if logical else 0 for _, used, logical in r.kv_history],
                       label=r.label, linewidth=1)
-    blocks_ax.axhline(results[0].stats["num_kv_blocks"], color="grey", linestyle=":", label="KV budget")
-    blocks_ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use", title=title)
     saved_ax.set(xlabel="engine time (s)", ylabel="memory saved (1 - physical / logical)",
                  title="memory saved by sharing")
-    blocks_ax.legend(fontsize=8)
     saved_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
