@@ -119,3 +119,17 @@ class EngineConfig:
             raise TypeError(f"share must be a ShareConfig, got {type(self.share).__name__}")
         if parse_memory(self.kv_cache_memory) <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """HTTP settings and the bounds every request is checked against."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    max_request_bytes: int = 1 << 20
+    max_tokens_limit: int = 4096
+    max_n: int = 16
+    shutdown_timeout: float = 30.0

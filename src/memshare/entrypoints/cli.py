@@ -1,11 +1,12 @@
-"""`memshare` command line: generate, demo (dense vs. MemShare on GSM8K), calibrate (propose a block threshold)."""
+"""`memshare` command line: generate, serve, demo, calibrate, eval, report, bench, fidelity."""
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from memshare.config import POLICIES, STAGE1_ENCODERS, STAGE2_METRICS, EngineConfig, ShareConfig
+from memshare.config import POLICIES, STAGE1_ENCODERS, STAGE2_METRICS, EngineConfig, ServerConfig, ShareConfig
 from memshare.errors import MemShareError
 from memshare.eval.datasets import DEFAULT_INSTRUCTION
 from memshare.sampling_params import SamplingParams
@@ -211,6 +212,16 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {args.dir / 'report.md'} and its plots")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from memshare.entrypoints.openai.api_server import run_server
+
+    config = ServerConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("MEMSHARE_API_KEY"),
+                          served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
+                          max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
+                          shutdown_timeout=args.shutdown_timeout)
+    run_server(EngineConfig(model=args.model, **engine_kwargs(args)), config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memshare", description="Paged-KV inference with MemShare block sharing")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -283,6 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="appended to every problem")
     ev.add_argument("--out", type=Path, default=Path("results/eval"))
     ev.set_defaults(func=cmd_eval)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions "
+                         "(streaming), /v1/models, /health, /metrics")
+    add_engine_args(srv)
+    add_share_args(srv)
+    server_defaults = ServerConfig()
+    srv.add_argument("--host", default=server_defaults.host, help="0.0.0.0 to listen on every interface")
+    srv.add_argument("--port", type=int, default=server_defaults.port)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or MEMSHARE_API_KEY)")
+    srv.add_argument("--served-model-name", default=None, help="model name clients send (default: --model)")
+    srv.add_argument("--max-request-bytes", type=int, default=server_defaults.max_request_bytes)
+    srv.add_argument("--max-tokens-limit", type=int, default=server_defaults.max_tokens_limit,
+                     help="largest max_tokens a request may ask for; also the default for chat")
+    srv.add_argument("--max-n", type=int, default=server_defaults.max_n, help="largest n a request may ask for")
+    srv.add_argument("--shutdown-timeout", type=float, default=server_defaults.shutdown_timeout,
+                     help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+    srv.set_defaults(func=cmd_serve)
 
     rep = sub.add_parser("report", help="Markdown table and accuracy-vs-memory plots of the eval runs under DIR")
     rep.add_argument("dir", type=Path)
