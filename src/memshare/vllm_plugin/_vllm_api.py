@@ -115,6 +115,11 @@ def computed_tokens(req: Any) -> int:
     return req.num_computed_tokens - getattr(req, "num_in_flight_tokens", 0)
 
 
+def last_scheduled(sched: Any) -> set[str]:
+    """Requests the last schedule() sent to the workers."""
+    return set(sched.prev_step_scheduled_req_ids)
+
+
 def request_blocks(sched: Any, request_id: str) -> list[Any]:
     """The live block list of the request's single KV-cache group."""
     return sched.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[request_id]

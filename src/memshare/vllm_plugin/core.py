@@ -101,13 +101,15 @@ class VllmMemShare:
         return {**self.policy.stats(), "memory_saved_mean": saved, "num_steps": self.num_steps}
 
     def check_worker_rows(self) -> list[str]:
-        """Requests whose block ids on a worker differ from the scheduler's (empty: all agree)."""
+        """Requests of the last step whose block ids on a worker differ from the scheduler's (empty: all agree).
+
+        Call it before `after_step`: every earlier share must have reached the workers by then."""
         mismatches = []
+        scheduled = api.last_scheduled(self.scheduler)
         for rows in self.rpc(worker.block_rows):
             for request_id, (state_ids, batch_row) in rows.items():
                 req = api.request(self.scheduler, request_id)
-                # A preempted request's worker state waits for its resume, which replaces the row.
-                if request_id in self.pending_rows or req is None or not api.request_is_running(req):
+                if request_id not in scheduled or req is None or not api.request_is_running(req):
                     continue
                 expected = api.block_ids(self.scheduler, request_id)
                 if state_ids != expected or batch_row not in (None, expected):
