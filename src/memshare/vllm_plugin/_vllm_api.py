@@ -26,25 +26,30 @@ def is_supported(version: str) -> bool:
 
 def patch_engine_core(attach: Callable[[Any], None], after_step: Callable[[Any], None],
                       utilities: dict[str, Callable[[Any], Any]]) -> None:
-    """Call `attach(core)` at the end of `EngineCore.__init__` and `after_step(core)` after every `post_step`;
-    `utilities` become EngineCore methods, which multiprocess clients reach through `call_utility(name)`."""
+    """Call `attach(core)` once EngineCore has built its executor and scheduler, and `after_step(core)` after every
+    `post_step`; `utilities` become EngineCore methods, which multiprocess clients reach via `call_utility(name)`.
+
+    In a multiprocess engine vLLM loads plugins inside `EngineCore.__init__`, so `__init__` itself cannot be
+    wrapped: the hook is the first method `__init__` calls on itself after creating the scheduler."""
     from vllm.v1.engine.core import EngineCore
 
     if getattr(EngineCore, "_memshare_patched", False):
         return
     for name, function in utilities.items():
         setattr(EngineCore, name, function)
-    init, post_step = EngineCore.__init__, EngineCore.post_step
+    scheduler_ready, post_step = EngineCore._initialize_effective_attention_block_size, EngineCore.post_step
 
-    def patched_init(self, *args, **kwargs) -> None:
-        init(self, *args, **kwargs)
+    def patched_scheduler_ready(self, *args, **kwargs) -> Any:
+        result = scheduler_ready(self, *args, **kwargs)
         attach(self)
+        return result
 
     def patched_post_step(self, model_executed: bool) -> None:
         post_step(self, model_executed)
         after_step(self)
 
-    EngineCore.__init__, EngineCore.post_step = patched_init, patched_post_step
+    EngineCore._initialize_effective_attention_block_size = patched_scheduler_ready
+    EngineCore.post_step = patched_post_step
     EngineCore._memshare_patched = True
 
 
@@ -65,7 +70,8 @@ def collective_rpc(core: Any) -> Callable[..., list]:
 
 
 def is_async(core: Any) -> bool:
-    return core.batch_queue is not None or bool(core.vllm_config.scheduler_config.async_scheduling)
+    config = core.vllm_config
+    return config.max_concurrent_batches > 1 or bool(config.scheduler_config.async_scheduling)
 
 
 def unsupported_features(core: Any) -> list[str]:
