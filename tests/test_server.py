@@ -60,6 +60,14 @@ def _metrics(base: str) -> dict[str, float]:
     return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
 
 
+def _wait_for(base: str, condition, timeout: float = 10) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while not condition(metrics := _metrics(base)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert condition(metrics), metrics
+    return metrics
+
+
 def _stream_text(chunks) -> tuple[dict[int, str], dict[int, str], object]:
     texts, reasons, usage = {}, {}, None
     for chunk in chunks:
@@ -186,21 +194,17 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     aborted = _metrics(server)["memshare_request_aborted_total"]
     with httpx.stream("POST", f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
                       timeout=60) as response:
-        events = 0
-        for line in response.iter_lines():
-            events += line.startswith("data:")
-            if events == 3:
-                break
-        assert _metrics(server)["memshare_kv_blocks_used"] > 0
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        metrics = _metrics(server)
-        if metrics["memshare_kv_blocks_used"] == 0 and metrics["memshare_request_aborted_total"] == aborted + 1:
-            break
-        time.sleep(0.05)
+        lines = response.iter_lines()  # kept referenced: closing the iterator would close the connection
+        events = []
+        while len(events) < 3:
+            line = next(lines)
+            if line.startswith("data:"):
+                events.append(line)
+        assert "[DONE]" not in events[-1], events
+        assert _wait_for(server, lambda m: m["memshare_kv_blocks_used"] > 0)["memshare_num_requests_running"] == 1
+    metrics = _wait_for(server, lambda m: m["memshare_request_aborted_total"] == aborted + 1)
     assert metrics["memshare_kv_blocks_used"] == 0
     assert metrics["memshare_num_requests_running"] == 0
-    assert metrics["memshare_request_aborted_total"] == aborted + 1
 
 
 def test_metrics_exposes_kv_and_latency(server, client):
@@ -217,9 +221,9 @@ def test_metrics_exposes_kv_and_latency(server, client):
 
 
 def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits(tmp_path):
-    proc, base = _start(tmp_path, "--shutdown-timeout", "3", "--share", "memshare")
-    long_body = {"model": MODEL, "prompt": "Write forever.", "max_tokens": 1200, "ignore_eos": True, "stream": True}
-    short_body = {"model": MODEL, "prompt": "Write a line.", "max_tokens": 24, "ignore_eos": True, "stream": True}
+    proc, base = _start(tmp_path, "--shutdown-timeout", "8", "--share", "memshare")
+    long_body = {"model": MODEL, "prompt": "Write forever.", "max_tokens": 1400, "ignore_eos": True, "stream": True}
+    short_body = {"model": MODEL, "prompt": "Write a line.", "max_tokens": 16, "ignore_eos": True, "stream": True}
 
     def read(body: dict) -> list[str]:
         lines = []
