@@ -44,7 +44,7 @@ class Checked:
     def __call__(self) -> None:
         memshare, pool = self.memshare, self.core.scheduler.kv_cache_manager.block_pool
         self.row_mismatches += memshare.check_worker_rows()
-        self.rows_checked += sum(len(rows) for rows in memshare.rpc(plugin.worker.block_rows))
+        self.rows_checked += sum(len(rows) for rows in memshare.rpc(api.request_block_rows))
         free, shared = pool.get_num_free_blocks(), memshare.policy.blocks_shared
         self.after_step()
         self.freed_mismatches += (pool.get_num_free_blocks() - free) != (memshare.policy.blocks_shared - shared)
@@ -165,5 +165,37 @@ def test_environment_enables_it_in_a_multiprocess_engine(monkeypatch):
     assert stats["blocks_shared"] > 0
     assert llm.llm_engine.engine_core.call_utility("memshare_check_rows") == []
     llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def test_stage2_reads_vllm_kv_layout_and_undoes_rope():
+    """A 64-token passage given three times: at layer 0, V of the repeats is equal, and K is equal once RoPE is
+    undone (it differs as cached), so stage 2 decodes vLLM's CPU layout and positions correctly."""
+    llm = make_llm(None, enable_prefix_caching=False)
+    core = llm.llm_engine.engine_core.engine_core
+    passage = llm.get_tokenizer().encode(PASSAGE * 3)[:64]
+    blocks: list[int] = []
+    update = core.scheduler.update_from_output
+
+    def capture(*args, **kwargs):
+        result = update(*args, **kwargs)
+        for request_id in core.scheduler.requests:
+            blocks[:] = api.block_ids(core.scheduler, request_id)
+        return result
+
+    core.scheduler.update_from_output = capture
+    llm.generate([{"prompt_token_ids": passage * 3}], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+
+    def layer0_differences(worker, block_ids: list[int]) -> list[float]:
+        keys, values = api.read_kv(worker, block_ids)
+        unrotated = plugin.worker.unrotate_keys(worker, keys, [0, 64])
+        return [(values[0, 0] - values[0, 1]).abs().max().item(), (keys[0, 0] - keys[0, 1]).abs().max().item(),
+                (unrotated[0, 0] - unrotated[0, 1]).abs().max().item()]
+
+    value_diff, rotated_diff, unrotated_diff = core.model_executor.collective_rpc(
+        layer0_differences, args=([blocks[0], blocks[2]],))[0]
+    assert value_diff < 1e-4 and unrotated_diff < 1e-4
+    assert rotated_diff > 1.0
     del llm
     gc.collect()

@@ -53,10 +53,6 @@ def patch_engine_core(attach: Callable[[Any], None], after_step: Callable[[Any],
     EngineCore._memshare_patched = True
 
 
-def vllm_config(core: Any) -> Any:
-    return core.vllm_config
-
-
 def additional_config(core: Any) -> dict:
     return dict(core.vllm_config.additional_config or {})
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from memshare.config import ShareConfig
 from memshare.sharing.memshare import MemSharePolicy
-from memshare.sharing.policy import ModelAccess, duplicate_entries
+from memshare.sharing.policy import ModelAccess
 from memshare.vllm_plugin import _vllm_api as api
 from memshare.vllm_plugin import worker
 
@@ -89,7 +89,7 @@ class VllmMemShare:
         used = api.num_used_blocks(self.scheduler)
         self.num_steps += 1
         self.sum_used += used
-        self.sum_logical += used + sum(duplicate_entries(view) for view in running)
+        self.sum_logical += used + self.policy.saved_blocks(running)
         if self.log_interval and time.monotonic() - self._last_log >= self.log_interval:
             self._last_log = time.monotonic()
             stats = self.stats()
@@ -106,7 +106,7 @@ class VllmMemShare:
         Call it before `after_step`: every earlier share must have reached the workers by then."""
         mismatches = []
         scheduled = api.last_scheduled(self.scheduler)
-        for rows in self.rpc(worker.block_rows):
+        for rows in self.rpc(api.request_block_rows):
             for request_id, (state_ids, batch_row) in rows.items():
                 req = api.request(self.scheduler, request_id)
                 if request_id not in scheduled or req is None or not api.request_is_running(req):

@@ -15,8 +15,9 @@ from memshare.vllm_plugin import _vllm_api as api
 def check(worker: Any) -> list[str]:
     """Reasons this worker's KV cache cannot be read by stage 2 (empty: it can)."""
     problems = []
-    if api.attention_isa(worker) != "vec":
-        problems.append(f"attention kernel {api.attention_isa(worker)!r}: only the CPU 'vec' layout "
+    isa = api.attention_isa(worker)
+    if isa != "vec":
+        problems.append(f"attention kernel {isa!r}: only the CPU 'vec' layout "
                         "(float32/float16 KV, block size a multiple of 32) is read by stage 2")
     rope = api.rotary(worker)
     if rope is not None and not rope.is_neox_style:
@@ -44,8 +45,3 @@ def score_blocks(worker: Any, block_ids: list[int], first_positions: list[int], 
     keys, values = api.read_kv(worker, block_ids)
     keys = unrotate_keys(worker, keys, first_positions)
     return block_similarity(keys[:, :m], values[:, :m], keys[:, m:], values[:, m:], metric)
-
-
-def block_rows(worker: Any) -> dict[str, list]:
-    """Each request's block ids as this worker holds them (request state, input-batch row)."""
-    return api.request_block_rows(worker)

@@ -189,12 +189,10 @@ class OpenAIServing:
     def _chunk_choice(self, job: _Job, index: int, sample: CompletionOutput,
                       deltas: dict[int, _TextDelta]) -> dict | None:
         choice_index = index * job.n + sample.index
-        delta = deltas.get(choice_index)
-        if delta is None:
-            delta = deltas[choice_index] = _TextDelta(job.params[index])
-            first_chat_chunk = job.kind == "chat.completion"
-        else:
-            first_chat_chunk = False
+        first_chat_chunk = choice_index not in deltas and job.kind == "chat.completion"
+        if choice_index not in deltas:
+            deltas[choice_index] = _TextDelta(job.params[index])
+        delta = deltas[choice_index]
         if delta.done:
             return None
         finished = sample.finish_reason is not None
