@@ -80,8 +80,13 @@ def _stream_text(chunks) -> tuple[dict[int, str], dict[int, str], object]:
     return texts, reasons, usage
 
 
+def _errors(base: str, status: int) -> float:
+    return _metrics(base).get(f'memshare_request_errors_total{{status="{status}"}}', 0.0)
+
+
 def test_models_health_and_auth(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    rejected = _errors(server, 401)
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
     for key in ("wrong-key", None):
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -90,6 +95,7 @@ def test_models_health_and_auth(server, client):
         assert response.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    assert _errors(server, 401) == rejected + 3
 
 
 def test_concurrent_greedy_requests_equal_hf(client, prompts, hf_greedy, tokenizer):
@@ -174,11 +180,13 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("path,body,status", BAD_REQUESTS)
 def test_bad_requests_get_openai_errors(server, path, body, status):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    errors = _errors(server, status)
     response = httpx.post(f"{server}{path}", content=content,
                           headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"]
+    assert _errors(server, status) == errors + 1
 
 
 def test_server_keeps_serving_after_bad_input(server, client):

@@ -7,6 +7,7 @@ from memshare.engine.sequence import Sequence
 from memshare.errors import KVCacheTooSmallError
 from memshare.layers.attention import AttentionMetadata, PagedContext, PrefillSpan
 from memshare.layers.cpu_kernels import kernel_applies, paged_decode_kernel
+from memshare.layers.rotary import unrotate_neox
 from memshare.layers.sampler import Sampler
 from memshare.models.loader import load_model
 
@@ -57,12 +58,8 @@ class ModelRunner:
         if rotary is None:
             return keys
         cos, sin = rotary(keys, positions.view(1, -1))
-        cos, sin = cos[0, :, None, :], sin[0, :, None, :]
-        rot, half = cos.shape[-1], cos.shape[-1] // 2
-        head, tail = keys[..., :rot], keys[..., rot:]
-        rotated_half = torch.cat((-head[..., half:], head[..., :half]), dim=-1)
-        # RoPE is x*cos + rotate_half(x)*sin; rotating back by the same angle flips the sign of sin.
-        return torch.cat((head * cos - rotated_half * sin, tail), dim=-1)
+        half = cos.shape[-1] // 2  # HF repeats the angles for both halves of the rotated dimensions
+        return unrotate_neox(keys, cos[0, :, None, :half], sin[0, :, None, :half])
 
     @torch.inference_mode()
     def embed_tokens(self, token_ids: list[int]) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from memshare.layers.rotary import unrotate_neox
 from memshare.sharing.stage2 import block_similarity
 from memshare.vllm_plugin import _vllm_api as api
 
@@ -33,11 +34,8 @@ def unrotate_keys(worker: Any, keys: torch.Tensor, first_positions: list[int]) -
     bs = keys.shape[2]
     positions = (torch.tensor(first_positions).unsqueeze(1) + torch.arange(bs)).flatten()
     cos, sin = rope.cos_sin_cache.index_select(0, positions.to(rope.cos_sin_cache.device)).float().cpu().chunk(2, -1)
-    cos, sin = cos.view(1, len(first_positions), bs, 1, -1), sin.view(1, len(first_positions), bs, 1, -1)
-    half = cos.shape[-1]
-    x1, x2, tail = keys[..., :half], keys[..., half:2 * half], keys[..., 2 * half:]
-    # NeoX RoPE is (x1 cos - x2 sin, x2 cos + x1 sin); rotating back by the same angle flips the sign of sin.
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, tail), dim=-1)
+    shape = (1, len(first_positions), bs, 1, -1)
+    return unrotate_neox(keys, cos.view(shape), sin.view(shape))
 
 
 def score_blocks(worker: Any, block_ids: list[int], first_positions: list[int], m: int, metric: str) -> torch.Tensor:

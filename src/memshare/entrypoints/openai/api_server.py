@@ -4,6 +4,7 @@ import hmac
 import json
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import aclosing, asynccontextmanager
 
 import uvicorn
@@ -26,8 +27,8 @@ logger = logging.getLogger("memshare")
 class _Guard:
     """ASGI middleware: the API key on /v1 routes, and the request-body size limit while the body is read."""
 
-    def __init__(self, app, config: ServerConfig) -> None:
-        self.app, self.config = app, config
+    def __init__(self, app, config: ServerConfig, reject: Callable[[APIError], JSONResponse]) -> None:
+        self.app, self.config, self.reject = app, config, reject
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -39,10 +40,10 @@ class _Guard:
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 error = APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
                                  code="invalid_api_key")
-                return await _error_response(error)(scope, receive, send)
+                return await self.reject(error)(scope, receive, send)
         limit = self.config.max_request_bytes
         if int(headers.get(b"content-length", b"0") or 0) > limit:
-            return await _error_response(APIError(413, f"request body exceeds {limit} bytes"))(scope, receive, send)
+            return await self.reject(APIError(413, f"request body exceeds {limit} bytes"))(scope, receive, send)
         received = 0
 
         async def limited_receive():
@@ -56,10 +57,6 @@ class _Guard:
         await self.app(scope, limited_receive, send)
 
 
-def _error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
-
-
 def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str) -> FastAPI:
     """The FastAPI app; `llm` is shut down when the app's lifespan ends."""
     metrics = ServerMetrics(lambda: {**llm.stats, "num_aborted": llm.num_aborted})
@@ -70,12 +67,12 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str) -> FastAPI:
         yield
         llm.shutdown()
 
-    app = FastAPI(title="memshare", lifespan=lifespan)
-    app.add_middleware(_Guard, config=config)
-
     def error_response(error: APIError) -> JSONResponse:
         metrics.errors.labels(str(error.status)).inc()
-        return _error_response(error)
+        return JSONResponse(error.body(), status_code=error.status)
+
+    app = FastAPI(title="memshare", lifespan=lifespan)
+    app.add_middleware(_Guard, config=config, reject=error_response)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
