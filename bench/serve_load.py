@@ -39,19 +39,26 @@ BAD_BODIES = [
 ]
 
 
-def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "memshare.entrypoints.cli", "serve", "--model", args.model, "--port", str(port),
-               "--kv-cache-memory", args.kv_cache_memory, "--share", args.share, "--max-request-bytes", "65536"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
+def start_server(serve_args: list[str], log_path: Path | None = None,
+                 timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """`memshare serve` on a free loopback port, once /health answers; returns the process and its base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the child process writes it
+    proc = subprocess.Popen([sys.executable, "-m", "memshare.entrypoints.cli", "serve", "--port", str(port),
+                             *serve_args], stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return proc
+            if httpx.get(f"{base}/health").status_code == 200:
+                return proc, base
         except httpx.TransportError:
-            time.sleep(0.5)
+            time.sleep(0.25)
     proc.kill()
-    raise SystemExit("server did not start")
+    details = log_path.read_text() if log_path else ""
+    raise RuntimeError(f"memshare serve exited or did not answer /health within {timeout:.0f} s\n{details}")
 
 
 async def good_client(client: httpx.AsyncClient, body: dict, leave_after: int | None) -> dict:
@@ -113,11 +120,8 @@ def main() -> None:
     args = parser.parse_args()
     problems = load_problems("gsm8k", args.num_clients)
     messages = [[{"role": "user", "content": p.question}] for p in problems]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    base = f"http://127.0.0.1:{port}"
-    proc = start_server(args, port)
+    proc, base = start_server(["--model", args.model, "--kv-cache-memory", args.kv_cache_memory, "--share", args.share,
+                               "--max-request-bytes", "65536"])
     try:
         results, elapsed = asyncio.run(run_clients(base, args, messages))
         time.sleep(0.5)  # aborts are applied at the engine's next step

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,33 +12,14 @@ import httpx2 as httpx
 import openai
 import pytest
 
+from bench.serve_load import start_server
 from tests.conftest import MODEL
 
 KEY = "sk-memshare-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start(tmp_path, *args: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    log = open(tmp_path / f"server-{port}.log", "w")  # noqa: SIM115 - the child process writes it
-    proc = subprocess.Popen([sys.executable, "-m", "memshare.entrypoints.cli", "serve", "--model", MODEL,
-                             "--port", str(port), "--kv-cache-memory", "64MiB", *args], stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (tmp_path / f"server-{port}.log").read_text()
-        try:
-            if httpx.get(f"{base}/health").status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            time.sleep(0.25)
-    proc.kill()
-    raise TimeoutError("server did not come up")
+    return start_server(["--model", MODEL, "--kv-cache-memory", "64MiB", *args], tmp_path / "server.log", timeout=180)
 
 
 @pytest.fixture(scope="module")
