@@ -195,6 +195,17 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
     assert metrics["memshare_num_requests_running"] == 0
 
 
+def test_disconnect_before_a_full_response_aborts_and_frees_blocks(server):
+    body = {"model": MODEL, "prompt": "Tell me a very long story.", "max_tokens": 1000, "ignore_eos": True,
+            "temperature": 0}
+    aborted = _metrics(server)["memshare_request_aborted_total"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(60, read=3))
+    metrics = _wait_for(server, lambda m: m["memshare_request_aborted_total"] == aborted + 1)
+    assert metrics["memshare_kv_blocks_used"] == 0
+    assert metrics["memshare_num_requests_running"] == 0
+
 def test_metrics_exposes_kv_and_latency(server, client):
     client.completions.create(model=MODEL, prompt="One two three", max_tokens=8, temperature=0)
     metrics = _metrics(server)

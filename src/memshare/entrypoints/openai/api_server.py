@@ -1,5 +1,6 @@
 """`memshare serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one engine loop."""
 
+import asyncio
 import hmac
 import json
 import logging
@@ -20,6 +21,7 @@ from memshare.entrypoints.openai.metrics import ServerMetrics
 from memshare.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from memshare.entrypoints.openai.serving import OpenAIServing
 from memshare.errors import MemShareError
+from memshare.outputs import RequestOutput
 
 logger = logging.getLogger("memshare")
 
@@ -112,25 +114,31 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str) -> FastAPI:
     async def models() -> dict:
         return serving.models()
 
-    async def run(job, raw: Request, stream: bool) -> Response:
-        if stream:
+    async def run(job, raw: Request) -> Response:
+        if job.stream:
             return StreamingResponse(serving.stream(job, serving.outputs(job)), media_type="text/event-stream")
-        finals = {}
-        async with aclosing(serving.outputs(job)) as outputs:
-            async for index, output in outputs:
-                if await raw.is_disconnected():
-                    return Response(status_code=499)  # nobody reads it; leaving the loop aborts the request
-                if output.finished:
-                    finals[index] = output
-        return JSONResponse(serving.response(job, finals))
+
+        async def collect() -> dict[int, RequestOutput]:
+            async with aclosing(serving.outputs(job)) as outputs:
+                return {index: output async for index, output in outputs}
+
+        collecting = asyncio.ensure_future(collect())
+        disconnected = asyncio.ensure_future(raw.receive())  # the body is read: the next message is a disconnect
+        await asyncio.wait((collecting, disconnected), return_when=asyncio.FIRST_COMPLETED)
+        disconnected.cancel()
+        if not collecting.done():
+            collecting.cancel()  # aborts the engine requests; their blocks are freed at the next step
+            await asyncio.gather(collecting, return_exceptions=True)
+            return Response(status_code=499)
+        return JSONResponse(serving.response(job, collecting.result()))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
-        return await run(serving.completion_job(body), raw, body.stream)
+        return await run(serving.completion_job(body), raw)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
-        return await run(serving.chat_job(body), raw, body.stream)
+        return await run(serving.chat_job(body), raw)
 
     return app
 

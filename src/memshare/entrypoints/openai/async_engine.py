@@ -21,6 +21,7 @@ class EngineDeadError(RuntimeError):
 @dataclass(slots=True)
 class _Stream:
     loop: asyncio.AbstractEventLoop
+    snapshots: bool  # False: only the finished output is published
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     num_tokens: int = -1
 
@@ -33,8 +34,8 @@ class AsyncLLM:
     """One engine loop in a thread serving many asyncio callers: continuous batching across HTTP requests.
 
     `generate` yields a snapshot of the request after every engine step that added a token, the last one
-    finished. Leaving the iteration early (a client disconnect cancels it) aborts the request and frees
-    its KV blocks at the next step.
+    finished (only that one with `stream=False`). Leaving the iteration early (a client disconnect cancels
+    it) aborts the request and frees its KV blocks at the next step.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -55,12 +56,12 @@ class AsyncLLM:
         return self.error is None and self._thread.is_alive()
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, stream: bool = True) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its snapshots; raises the engine's typed error if it is invalid."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop has stopped")
         loop = asyncio.get_running_loop()
-        stream, added = _Stream(loop), loop.create_future()
+        stream, added = _Stream(loop, snapshots=stream), loop.create_future()
         self._commands.put(("add", request_id, prompt_token_ids, params, stream, added))
         finished = False
         try:
@@ -129,6 +130,8 @@ class AsyncLLM:
             if stream is not None:
                 stream.put(output)
         for request_id, stream in self._streams.items():
+            if not stream.snapshots:
+                continue
             request = self.engine.requests[request_id]
             num_tokens = sum(len(seq.token_ids) for seq in request.seqs)
             if num_tokens != stream.num_tokens:

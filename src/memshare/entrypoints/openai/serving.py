@@ -29,6 +29,7 @@ class _Job:
     params: list[SamplingParams]
     top_logprobs: int | None
     include_usage: bool
+    stream: bool
     created: int
 
 
@@ -97,7 +98,7 @@ class OpenAIServing:
                 raise APIError(400, str(error), "prompt" if kind == "text_completion" else "messages") from error
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return _Job(kind, f"{prefix}-{uuid.uuid4().hex}", prompts, n, params, top_logprobs, include_usage,
-                    int(time.time()))
+                    body.stream, int(time.time()))
 
     def _params(self, body: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_tokens: int | None,
                 top_logprobs: int | None) -> SamplingParams:
@@ -128,7 +129,7 @@ class OpenAIServing:
 
         async def pump(index: int, prompt: list[int], params: SamplingParams) -> None:
             try:
-                async for output in self.llm.generate(f"{job.id}-{index}", prompt, params):
+                async for output in self.llm.generate(f"{job.id}-{index}", prompt, params, job.stream):
                     merged.put_nowait((index, output))
             except Exception as error:
                 merged.put_nowait((index, error))
