@@ -1,13 +1,15 @@
 """The bench and fidelity commands: serving metrics under a KV budget, and teacher-forced KL against dense."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 
+from memshare.config import ShareConfig
 from memshare.entrypoints.cli import main
 from memshare.eval.datasets import Problem
-from memshare.eval.fidelity import REVERIFY, load_traces, make_trace, run_fidelity
+from memshare.eval.fidelity import REVERIFY, load_traces, make_trace, method, run_fidelity
 from memshare.eval.policies import parse_policies, share_for
 
 from .conftest import MODEL
@@ -47,6 +49,13 @@ def test_matched_policy_needs_a_memshare_run_before_it():
     assert share_for(spec, 0.25).share_ratio == 0.25
 
 
+def test_method_names_the_stage_choices_a_sweep_keeps_fixed():
+    memshare = asdict(ShareConfig(policy="memshare", block_threshold=0.5))
+    assert method(memshare) == "memshare"
+    assert method(memshare | {"stage1": "minilm", "stage2": "cosine"}) == "memshare(stage1=minilm, stage2=cosine)"
+    assert method(asdict(ShareConfig(policy="h2o", kv_budget=8))) == "h2o"
+
+
 def test_fidelity_of_dense_against_dense_is_exact(tmp_path, capsys, tokenizer):
     main(["fidelity", "--model", MODEL, "--num-traces", "2", "--max-tokens", "48", "--num-threads", "1",
           "--policies", "none", "--out", str(tmp_path)])
@@ -58,7 +67,7 @@ def test_fidelity_of_dense_against_dense_is_exact(tmp_path, capsys, tokenizer):
     for trace in result["traces"]:
         assert trace["first_affected"] is None and max(trace["kl"]) < 1e-6 and all(trace["top1"])
     assert result["kl_all"] < 1e-6 and result["top1_all"] == 1.0
-    for name in ("fidelity.png", "fidelity_kl_vs_similarity.png"):
+    for name in ("fidelity.png", "fidelity_kl_vs_similarity.png", "fidelity_kl_vs_memory.png"):
         assert (tmp_path / name).stat().st_size > 10_000
 
 

@@ -201,15 +201,25 @@ def markdown_table(results: list[PolicyFidelity]) -> str:
     return "\n".join(rows)
 
 
-def save(results: list[PolicyFidelity], out_dir: Path, title: str) -> tuple[Path, Path, Path]:
-    """Write fidelity.json, fidelity.png (KL and top-1 per policy) and fidelity_kl_vs_similarity.png."""
+def method(share: dict[str, Any]) -> str:
+    """The policy with its non-default stage choices: what a threshold or budget sweep keeps fixed."""
+    default = ShareConfig()
+    stages = [f"{name}={share[name]}" for name in ("stage1", "stage2")
+              if share["policy"] == "memshare" and share[name] != getattr(default, name)]
+    return share["policy"] + (f"({', '.join(stages)})" if stages else "")
+
+
+def save(results: list[PolicyFidelity], out_dir: Path, title: str) -> tuple[Path, ...]:
+    """Write fidelity.json, fidelity.png (KL and top-1 per policy), fidelity_kl_vs_similarity.png and
+    fidelity_kl_vs_memory.png (KL over all tokens against memory saved, one line per method)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = out_dir / "fidelity.json", out_dir / "fidelity.png", out_dir / "fidelity_kl_vs_similarity.png"
+    paths = tuple(out_dir / name for name in ("fidelity.json", "fidelity.png", "fidelity_kl_vs_similarity.png",
+                                              "fidelity_kl_vs_memory.png"))
     summaries = [r.summary() for r in results]
     paths[0].write_text(json.dumps([s | {"share": r.share, "stats": r.stats, "traces": [asdict(t) for t in r.traces]}
                                     for s, r in zip(summaries, results)]))
@@ -239,5 +249,17 @@ def save(results: list[PolicyFidelity], out_dir: Path, title: str) -> tuple[Path
         ax.text(0.5, 0.5, "no shared blocks", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(paths[2], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for r, summary in zip(results, summaries):
+        by_method.setdefault(method(r.share), []).append((summary["memory_saved_mean"], summary["kl_all"] or 0.0))
+    for name, points in by_method.items():
+        ax.plot(*zip(*sorted(points)), marker="o", label=name)
+    ax.set(xlabel="memory saved (mean of 1 - physical / logical KV blocks)",
+           ylabel="mean KL(dense || policy) over all tokens, nats", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[3], dpi=120)
     plt.close(fig)
     return paths
