@@ -1,5 +1,6 @@
 """Baselines in the same block pool: random sharing and the eviction policies (StreamingLLM, H2O, R-KV)."""
 
+import time
 from collections import Counter
 
 import pytest
@@ -69,6 +70,22 @@ def test_fractional_budget_keeps_that_share_of_generated_blocks(prompts):
     while engine.has_unfinished_requests():
         engine.step()
     assert 0.35 <= engine.get_stats()["affected_ratio"] <= 0.55  # ceil(half) of the generated blocks kept
+
+
+def test_sharing_time_includes_observing_queries(prompts, monkeypatch):
+    engine = make_engine(policy="h2o", kv_budget=0.5)
+    observe, calls = engine.policy.observe, []
+
+    def slow_observe(seq, query):
+        calls.append(seq.seq_id)
+        time.sleep(0.01)
+        observe(seq, query)
+
+    monkeypatch.setattr(engine.policy, "observe", slow_observe)
+    engine.add_request("0", prompts[0], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert len(calls) >= 31 and engine.get_stats()["sharing_time_s"] >= 0.01 * len(calls)
 
 
 def test_evicted_tokens_are_masked_and_positions_kept(model_dir, prompts):

@@ -1,6 +1,8 @@
 import itertools
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -142,8 +144,9 @@ class LLMEngine:
         for seq, num_new in batch:
             seq.num_computed_tokens += num_new
         if self.model_runner.decode_queries is not None:
-            for (seq, _), query in zip(batch, self.model_runner.decode_queries):
-                self.policy.observe(seq, query)
+            with self._sharing_timer():
+                for (seq, _), query in zip(batch, self.model_runner.decode_queries):
+                    self.policy.observe(seq, query)
         finished: list[RequestOutput] = []
         for seq, token, logprob in zip(sampled, tokens, logprobs):
             self._append_token(seq, token, logprob)
@@ -153,14 +156,19 @@ class LLMEngine:
                 output = self._maybe_finish_request(seq.request_id)
                 if output is not None:
                     finished.append(output)
-        share_start = time.perf_counter()
-        self.policy.after_step(self.scheduler.running)
-        self.stats.sharing_time_s += time.perf_counter() - share_start
+        with self._sharing_timer():
+            self.policy.after_step(self.scheduler.running)
         self.stats.generation_tokens += len(sampled)
         self.stats.num_steps += 1
         self.stats.engine_time_s += time.perf_counter() - start
         self._maybe_log()
         return finished
+
+    @contextmanager
+    def _sharing_timer(self) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.stats.sharing_time_s += time.perf_counter() - start
 
     def _record_memory(self) -> None:
         stats = self.stats
