@@ -170,7 +170,8 @@ def test_bad_eval_arguments_are_clear_errors(tmp_path, capsys, args, message):
 
 
 def record(problem_id: str, correct: list[bool], generated: int = 4, affected: int = 1) -> dict:
-    return {"problem_id": problem_id, "samples": [{"text": "", "num_tokens": 10 * (i + 1), "finish_reason": "stop",
+    return {"problem_id": problem_id, "samples": [{"text": "", "num_tokens": 10 * (i + 1),
+                                                   "finish_reason": "length" if i == 3 else "stop",
                                                    "correct": c} for i, c in enumerate(correct)],
             "kv_blocks_generated": generated, "kv_blocks_affected": affected}
 
@@ -183,7 +184,7 @@ def test_pass_at_1_and_its_confidence_interval():
     std = math.sqrt(sum((p - 0.4375) ** 2 for p in passes) / 3)
     assert s["pass@1"] == pytest.approx(0.4375) and s["ci95"] == pytest.approx(1.96 * std / 2)
     assert s["ci_low"] == pytest.approx(0.4375 - 1.96 * std / 2) and s["num_problems"] == 4
-    assert s["mean_output_tokens"] == 25 and s["affected_ratio"] == 0.25
+    assert s["mean_output_tokens"] == 25 and s["affected_ratio"] == 0.25 and s["truncated"] == 0.25
     clipped = score([record(str(i), [i < 3]) for i in range(4)])  # 0.75 ± 0.49
     assert clipped["ci95"] == pytest.approx(0.49) and clipped["ci_high"] == 1.0 and clipped["ci_low"] > 0.25
     assert score([record("a", [True])])["ci95"] == 0.0
@@ -216,7 +217,7 @@ def test_report_tables_and_plots_from_a_results_dir(tmp_path, capsys):
     text = build_report(tmp_path)
     assert (tmp_path / "report.md").read_text() == text
     assert text.index("## aime") < text.index("## gsm8k")
-    assert "| none | – | 75.0% ± 49.0% | – | 4 | 0.0% / 0.0% | 25.0% | 12.5 | 10 | 3 |" in text
+    assert "| none | – | 75.0% ± 49.0% | – | 4 | 0.0% / 0.0% | 25.0% | 12.5 | 10 | 0.0% | 3 |" in text
     # Paired with dense on the 2 problems both ran (both correct): no difference.
     assert ("| memshare | step_threshold=0.9, block_threshold=0.6 | 100.0% ± 0.0% | +0.0% ± 0.0% | 2 of 4 | "
             "20.0% / 40.0% |") in text

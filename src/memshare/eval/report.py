@@ -14,7 +14,7 @@ from memshare.eval.policies import LABEL_FIELDS
 # The knobs always shown for a policy that has them, even at their default.
 KEY_PARAMETERS = ("step_threshold", "block_threshold", "share_ratio", "kv_budget")
 COLUMNS = ("policy", "parameters", "pass@1 ± CI", "Δ vs dense (paired)", "N problems", "memory saved (mean / peak)",
-           "affected ratio", "tokens/s", "mean output length", "preemptions")
+           "affected ratio", "tokens/s", "mean output length", "hit max_tokens", "preemptions")
 
 
 def safe_name(text: str) -> str:
@@ -42,16 +42,19 @@ def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 def score(records: list[dict[str, Any]]) -> dict[str, Any]:
     """pass@1 = mean over problems of correct samples / samples, with a 95% normal CI: 1.96 * sample std of the
-    per-problem pass rates / sqrt(N) (0 for one problem), its bounds clipped to [0, 1]. Also the mean output length
-    and the affected ratio (affected / generated KV blocks summed over the records)."""
+    per-problem pass rates / sqrt(N) (0 for one problem), its bounds clipped to [0, 1]. Also the mean output length,
+    the share of samples cut at max_tokens (a sign of looping) and the affected ratio (affected / generated KV blocks
+    summed over the records)."""
     passes = [sum(s["correct"] for s in r["samples"]) / len(r["samples"]) for r in records]
     n = len(passes)
     mean = sum(passes) / n if n else 0.0
     ci = 1.96 * statistics.stdev(passes) / math.sqrt(n) if n > 1 else 0.0
-    lengths = [s["num_tokens"] for r in records for s in r["samples"]]
+    samples = [s for r in records for s in r["samples"]]
+    lengths = [s["num_tokens"] for s in samples]
     generated = sum(r["kv_blocks_generated"] for r in records)
     return {"num_problems": n, "pass@1": mean, "ci95": ci, "ci_low": max(mean - ci, 0.0),
             "ci_high": min(mean + ci, 1.0), "mean_output_tokens": sum(lengths) / len(lengths) if lengths else 0.0,
+            "truncated": sum(s["finish_reason"] == "length" for s in samples) / len(samples) if samples else 0.0,
             "affected_ratio": sum(r["kv_blocks_affected"] for r in records) / generated if generated else 0.0}
 
 
@@ -112,7 +115,8 @@ def _row(run: dict[str, Any], dense: dict[str, Any] | None = None) -> str:
                   f"{summary['generation_tokens_per_s']:.1f}", str(summary["num_preemptions"])]
     cells = [run["policy"], _parameters_text(run), f"{s['pass@1']:.1%} ± {s['ci95']:.1%}", _delta_text(run, dense), n,
              engine[0],
-             f"{s['affected_ratio']:.1%}", engine[1], f"{s['mean_output_tokens']:.0f}", engine[2]]
+             f"{s['affected_ratio']:.1%}", engine[1], f"{s['mean_output_tokens']:.0f}", f"{s['truncated']:.1%}",
+             engine[2]]
     return "| " + " | ".join(cells) + " |"
 
 
