@@ -191,10 +191,12 @@ def test_pass_at_1_and_its_confidence_interval():
 
 
 def write_run(directory: Path, dataset: str, name: str, share: ShareConfig, records: list[dict],
-              memory_saved: float) -> None:
+              memory_saved: float, matched_to: str | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     stem = directory / name
     config = {"run": name, "model": MODEL, "dataset": {"name": dataset, "num_problems": 4}, "share": asdict(share)}
+    if matched_to:
+        config["matched"] = {"memshare_run": matched_to, "memshare_affected_ratio": 0.25}
     Path(f"{stem}.config.json").write_text(json.dumps(config))
     Path(f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     Path(f"{stem}.summary.json").write_text(json.dumps({
@@ -214,15 +216,21 @@ def test_report_tables_and_plots_from_a_results_dir(tmp_path, capsys):
     write_run(tmp_path / "gsm8k", "gsm8k", "ms8", ShareConfig(policy="memshare"), full, 0.1)
     write_run(tmp_path / "gsm8k", "gsm8k", "ms6", ShareConfig(policy="memshare", block_threshold=0.6), full[:2], 0.2)
     write_run(tmp_path / "nested" / "aime", "aime", "h2o", ShareConfig(policy="h2o", kv_budget=0.5), full, 0.3)
+    # Matched to ms8 (all 4 problems, 3 solved); solves only problem 0, so MemShare is 2 problems = 50 points ahead.
+    write_run(tmp_path / "gsm8k", "gsm8k", "random", ShareConfig(policy="random", share_ratio=0.25),
+              [record(str(i), [i < 1]) for i in range(4)], 0.1, matched_to="ms8")
     text = build_report(tmp_path)
     assert (tmp_path / "report.md").read_text() == text
     assert text.index("## aime") < text.index("## gsm8k")
-    assert "| none | – | 75.0% ± 49.0% | – | 4 | 0.0% / 0.0% | 25.0% | 12.5 | 10 | 0.0% | 3 |" in text
+    assert "| none | – | 75.0% ± 49.0% | – | – | 4 | 0.0% / 0.0% | 25.0% | 12.5 | 10 | 0.0% | 3 |" in text
     # Paired with dense on the 2 problems both ran (both correct): no difference.
-    assert ("| memshare | step_threshold=0.9, block_threshold=0.6 | 100.0% ± 0.0% | +0.0% ± 0.0% | 2 of 4 | "
+    assert ("| memshare | step_threshold=0.9, block_threshold=0.6 | 100.0% ± 0.0% | +0.0% ± 0.0% | – | 2 of 4 | "
             "20.0% / 40.0% |") in text
+    assert 1.96 * statistics.stdev([0.0, 1.0, 1.0, 0.0]) / 2 == pytest.approx(0.566, abs=5e-4)
+    assert ("| random | share_ratio=0.25 (matched to ms8) | 25.0% ± 49.0% | -50.0% ± 56.6% | +50.0% ± 56.6% | 4 |"
+            in text)
     assert text.index("block_threshold=0.6") < text.index("block_threshold=0.8")
-    assert "| h2o | kv_budget=0.5 | 75.0% ± 49.0% | – | 4 | 30.0% / 60.0% |" in text  # no dense run for aime
+    assert "| h2o | kv_budget=0.5 | 75.0% ± 49.0% | – | – | 4 | 30.0% / 60.0% |" in text  # no dense run for aime
     for png in ("gsm8k_accuracy_vs_memory.png", "gsm8k_threshold_sweep.png", "aime_accuracy_vs_memory.png"):
         assert (tmp_path / png).stat().st_size > 10_000 and f"]({png})" in text
     assert not (tmp_path / "aime_threshold_sweep.png").exists()

@@ -13,7 +13,8 @@ from memshare.eval.policies import LABEL_FIELDS
 
 # The knobs always shown for a policy that has them, even at their default.
 KEY_PARAMETERS = ("step_threshold", "block_threshold", "share_ratio", "kv_budget")
-COLUMNS = ("policy", "parameters", "pass@1 ± CI", "Δ vs dense (paired)", "N problems", "memory saved (mean / peak)",
+COLUMNS = ("policy", "parameters", "pass@1 ± CI", "Δ vs dense (paired)", "matched MemShare − this (paired)",
+           "N problems", "memory saved (mean / peak)",
            "affected ratio", "tokens/s", "mean output length", "hit max_tokens", "preemptions")
 
 
@@ -98,14 +99,20 @@ def _parameters_text(run: dict[str, Any]) -> str:
     return (text + f" (matched to {matched['memshare_run']})" if matched else text) or "–"
 
 
-def _delta_text(run: dict[str, Any], dense: dict[str, Any] | None) -> str:
-    if dense is None or run is dense:
+def _delta_text(run: dict[str, Any] | None, reference: dict[str, Any] | None) -> str:
+    if run is None or reference is None or run is reference:
         return "–"
-    mean, ci, n = paired_delta(run["passes"], dense["passes"])
+    mean, ci, n = paired_delta(run["passes"], reference["passes"])
     return f"{mean:+.1%} ± {ci:.1%}" if n else "–"
 
 
-def _row(run: dict[str, Any], dense: dict[str, Any] | None = None) -> str:
+def _versus_matched_text(run: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> str:
+    matched = run["config"].get("matched")
+    # Positive when MemShare solves more of the problems both ran than the policy matched to it.
+    return _delta_text(by_name.get(matched["memshare_run"]) if matched else None, run)
+
+
+def _row(run: dict[str, Any], dense: dict[str, Any] | None, by_name: dict[str, dict[str, Any]]) -> str:
     s, summary = run["score"], run["summary"]
     total = run["config"]["dataset"]["num_problems"]
     n = f"{s['num_problems']}" + ("" if s["num_problems"] == total else f" of {total}")
@@ -113,8 +120,8 @@ def _row(run: dict[str, Any], dense: dict[str, Any] | None = None) -> str:
     if summary:
         engine = [f"{summary['memory_saved_mean']:.1%} / {summary['memory_saved_peak']:.1%}",
                   f"{summary['generation_tokens_per_s']:.1f}", str(summary["num_preemptions"])]
-    cells = [run["policy"], _parameters_text(run), f"{s['pass@1']:.1%} ± {s['ci95']:.1%}", _delta_text(run, dense), n,
-             engine[0],
+    cells = [run["policy"], _parameters_text(run), f"{s['pass@1']:.1%} ± {s['ci95']:.1%}",
+             _delta_text(run, dense), _versus_matched_text(run, by_name), n, engine[0],
              f"{s['affected_ratio']:.1%}", engine[1], f"{s['mean_output_tokens']:.0f}", f"{s['truncated']:.1%}",
              engine[2]]
     return "| " + " | ".join(cells) + " |"
@@ -180,8 +187,9 @@ def plot_threshold_sweep(title: str, runs: list[dict[str, Any]], path: Path) -> 
 def _section(directory: Path, dataset: str, runs: list[dict[str, Any]]) -> str:
     models = ", ".join(sorted({r["config"]["model"] for r in runs}))
     dense = {r["config"]["model"]: r for r in runs if r["policy"] == "none"}
+    by_name = {r["name"]: r for r in runs}
     lines = [f"## {dataset}", "", f"model: {models}", "", "| " + " | ".join(COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS), *(_row(r, dense.get(r["config"]["model"])) for r in runs), ""]
+             "|" + "---|" * len(COLUMNS), *(_row(r, dense.get(r["config"]["model"]), by_name) for r in runs), ""]
     pareto = f"{safe_name(dataset)}_accuracy_vs_memory.png"
     plot_accuracy_vs_memory(dataset, runs, directory / pareto)
     lines.append(f"![accuracy vs. memory saved]({pareto})")
