@@ -17,7 +17,15 @@ from memshare.entrypoints.cli import main
 from memshare.eval import harness
 from memshare.eval.harness import ConfigMismatchError, EvalConfig, plan_runs, run_eval
 from memshare.eval.policies import parse_policies
-from memshare.eval.report import build_report, paired_delta, read_records, score
+from memshare.eval.report import (
+    build_report,
+    load_runs,
+    paired_delta,
+    plot_accuracy_vs_memory,
+    plot_threshold_sweep,
+    read_records,
+    score,
+)
 
 from .conftest import MODEL
 
@@ -208,6 +216,23 @@ def test_paired_delta_counts_only_problems_both_ran():
     mean, ci, n = paired_delta({"a": 1.0, "b": 0.0, "c": 1.0, "x": 1.0}, {"a": 1.0, "b": 1.0, "c": 1.0, "y": 0.0})
     assert n == 3 and mean == pytest.approx(-1 / 3)
     assert ci == pytest.approx(1.96 * statistics.stdev([0.0, -1.0, 0.0]) / math.sqrt(3))
+
+
+def test_plots_keep_ablations_and_variants_in_their_own_series(tmp_path):
+    full = [record(str(i), [i < 3]) for i in range(4)]
+    for name, share in {"ms8": ShareConfig(policy="memshare"),
+                        "ms6": ShareConfig(policy="memshare", block_threshold=0.6),
+                        "emb6": ShareConfig(policy="memshare", block_threshold=0.6, stage1="embedding"),
+                        "rkv": ShareConfig(policy="rkv", kv_budget=0.5),
+                        "rkv16": ShareConfig(policy="rkv", kv_budget=0.5, compress_interval=16)}.items():
+        write_run(tmp_path, "gsm8k", name, share, full, 0.1)
+    runs = {r["name"]: r for r in load_runs(tmp_path)}
+    legend = plot_accuracy_vs_memory("gsm8k", list(runs.values()), tmp_path / "pareto.png")
+    assert sorted(legend) == ["memshare", "memshare (stage1=embedding)", "rkv", "rkv (compress_interval=16)"]
+    sweep = plot_threshold_sweep("gsm8k", [runs[n] for n in ("ms8", "emb6", "ms6")], tmp_path / "sweep.png")
+    assert sweep == ["memshare: pass@1", "memshare: affected ratio",
+                     "memshare (stage1=embedding): pass@1", "memshare (stage1=embedding): affected ratio"]
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000 and (tmp_path / "sweep.png").stat().st_size > 10_000
 
 
 def test_report_tables_and_plots_from_a_results_dir(tmp_path, capsys):

@@ -147,41 +147,63 @@ def _pyplot():
     return plt
 
 
-def plot_accuracy_vs_memory(title: str, runs: list[dict[str, Any]], path: Path) -> None:
-    """The Pareto view: pass@1 (95% CI) against mean memory saved, one series per policy."""
+def series_name(run: dict[str, Any]) -> str:
+    """The plot series a run belongs to: its policy plus the off-default knobs that are not swept (e.g. stage1)."""
+    fixed = {k: v for k, v in parameters(run["config"]["share"]).items() if k not in KEY_PARAMETERS}
+    return run["policy"] + (f" ({', '.join(f'{k}={_value(v)}' for k, v in fixed.items())})" if fixed else "")
+
+
+def group_series(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(series_name(run), []).append(run)
+    return groups
+
+
+def plot_accuracy_vs_memory(title: str, runs: list[dict[str, Any]], path: Path) -> list[str]:
+    """The Pareto view: pass@1 (95% CI) against mean memory saved, one series per `series_name`; returns the legend."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.6))
-    plotted = [r for r in runs if r["summary"]]
-    for policy in dict.fromkeys(r["policy"] for r in plotted):
-        group = sorted((r for r in plotted if r["policy"] == policy), key=lambda r: r["summary"]["memory_saved_mean"])
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    groups = group_series([r for r in runs if r["summary"]])
+    for name, group in groups.items():
+        group = sorted(group, key=lambda r: r["summary"]["memory_saved_mean"])
         x = [r["summary"]["memory_saved_mean"] for r in group]
         y, yerr = _errorbars(group)
-        ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=policy)
+        ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=name)
         for r, xi, yi in zip(group, x, y):
-            if parameters(r["config"]["share"]):
-                ax.annotate(_parameters_text(r), (xi, yi), fontsize=6, xytext=(4, 4), textcoords="offset points")
+            swept = {k: v for k, v in parameters(r["config"]["share"]).items() if k in KEY_PARAMETERS}
+            if swept:
+                text = ", ".join(f"{k}={_value(v)}" for k, v in swept.items())
+                ax.annotate(text, (xi, yi), fontsize=6, xytext=(4, 4), textcoords="offset points")
     ax.set(xlabel="memory saved (mean of 1 - physical / logical KV blocks)", ylabel="pass@1 (95% CI)",
            title=f"{title}: accuracy vs. KV memory saved")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return list(groups)
 
 
-def plot_threshold_sweep(title: str, runs: list[dict[str, Any]], path: Path) -> None:
-    """pass@1 (95% CI) and affected ratio of MemShare runs against their block_threshold."""
+def plot_threshold_sweep(title: str, runs: list[dict[str, Any]], path: Path) -> list[str]:
+    """pass@1 (95% CI, solid) and affected ratio (dashed) of MemShare runs against block_threshold, one colour per
+    `series_name`; returns the legend."""
     plt = _pyplot()
-    runs = sorted(runs, key=lambda r: r["config"]["share"]["block_threshold"])
-    x = [r["config"]["share"]["block_threshold"] for r in runs]
-    y, yerr = _errorbars(runs)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label="pass@1 (95% CI)")
-    ax.plot(x, [r["score"]["affected_ratio"] for r in runs], marker="s", label="affected ratio")
+    labels = []
+    for name, group in group_series(runs).items():
+        group = sorted(group, key=lambda r: r["config"]["share"]["block_threshold"])
+        x = [r["config"]["share"]["block_threshold"] for r in group]
+        y, yerr = _errorbars(group)
+        line = ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=f"{name}: pass@1")
+        ax.plot(x, [r["score"]["affected_ratio"] for r in group], marker="s", linestyle="--",
+                color=line.lines[0].get_color(), label=f"{name}: affected ratio")
+        labels += [f"{name}: pass@1", f"{name}: affected ratio"]
     ax.set(xlabel="block_threshold", ylabel="fraction", title=f"{title}: MemShare block-threshold sweep")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return labels
 
 
 def _section(directory: Path, dataset: str, runs: list[dict[str, Any]]) -> str:
