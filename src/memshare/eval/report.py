@@ -93,8 +93,12 @@ def _value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _knobs_text(knobs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_value(v)}" for k, v in knobs.items())
+
+
 def _parameters_text(run: dict[str, Any]) -> str:
-    text = ", ".join(f"{k}={_value(v)}" for k, v in parameters(run["config"]["share"]).items())
+    text = _knobs_text(parameters(run["config"]["share"]))
     matched = run["config"].get("matched")
     return (text + f" (matched to {matched['memshare_run']})" if matched else text) or "–"
 
@@ -147,10 +151,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def series_name(run: dict[str, Any]) -> str:
     """The plot series a run belongs to: its policy plus the off-default knobs that are not swept (e.g. stage1)."""
     fixed = {k: v for k, v in parameters(run["config"]["share"]).items() if k not in KEY_PARAMETERS}
-    return run["policy"] + (f" ({', '.join(f'{k}={_value(v)}' for k, v in fixed.items())})" if fixed else "")
+    return run["policy"] + (f" ({_knobs_text(fixed)})" if fixed else "")
 
 
 def group_series(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -173,14 +183,11 @@ def plot_accuracy_vs_memory(title: str, runs: list[dict[str, Any]], path: Path) 
         for r, xi, yi in zip(group, x, y):
             swept = {k: v for k, v in parameters(r["config"]["share"]).items() if k in KEY_PARAMETERS}
             if swept:
-                text = ", ".join(f"{k}={_value(v)}" for k, v in swept.items())
-                ax.annotate(text, (xi, yi), fontsize=6, xytext=(4, 4), textcoords="offset points")
+                ax.annotate(_knobs_text(swept), (xi, yi), fontsize=6, xytext=(4, 4), textcoords="offset points")
     ax.set(xlabel="memory saved (mean of 1 - physical / logical KV blocks)", ylabel="pass@1 (95% CI)",
            title=f"{title}: accuracy vs. KV memory saved")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
     return list(groups)
 
 
@@ -200,9 +207,7 @@ def plot_threshold_sweep(title: str, runs: list[dict[str, Any]], path: Path) -> 
         labels += [f"{name}: pass@1", f"{name}: affected ratio"]
     ax.set(xlabel="block_threshold", ylabel="fraction", title=f"{title}: MemShare block-threshold sweep")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
     return labels
 
 
