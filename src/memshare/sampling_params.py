@@ -1,4 +1,10 @@
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
+
+# vLLM's per-request logits processor: (output token ids so far, logits of the next token [vocab]) -> logits.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -8,6 +14,10 @@ class SamplingParams:
     `temperature=0` is greedy. `top_k=0` (or -1), `top_p=1` and `min_p=0` disable those filters.
     `seed` makes a request's samples reproducible whatever else runs beside it.
     `logprobs=k` returns, per generated token, the sampled token's and the top-k log-probabilities.
+    `logits_processors` see (and may change) each request's next-token logits before sampling.
+    `forced_token_ids` teacher-forces the output: those tokens are produced in order instead of sampled tokens
+    (logprobs are then the forced tokens'), and the request ends after the last one; stop conditions still apply,
+    so set `ignore_eos` to force past an end-of-sequence token.
     """
 
     n: int = 1
@@ -24,6 +34,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    forced_token_ids: list[int] | None = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -45,6 +57,10 @@ class SamplingParams:
             ("stop", all(isinstance(s, str) and s for s in self.stop_strings), "must be non-empty strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "must be non-negative integers"),
+            ("logits_processors", all(callable(f) for f in self.logits_processors), "must be callables"),
+            ("forced_token_ids", self.forced_token_ids is None or (
+                len(self.forced_token_ids) > 0 and all(isinstance(t, int) and t >= 0 for t in self.forced_token_ids)),
+             "must be a non-empty list of non-negative integers or None"),
         ]
         for name, ok, message in checks:
             if not ok:

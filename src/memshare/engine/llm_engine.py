@@ -41,7 +41,10 @@ class EngineStats:
     peak_logical_blocks: int = 0
     sum_used_blocks: int = 0
     sum_logical_blocks: int = 0
-    kv_history: list[tuple[float, int, int]] = field(default_factory=list)  # (engine time, physical, logical)
+    peak_running: int = 0
+    sum_running: int = 0
+    # (engine time, physical, logical, running sequences), once per scheduled step
+    kv_history: list[tuple[float, int, int, int]] = field(default_factory=list)
 
 
 class LLMEngine:
@@ -99,6 +102,13 @@ class LLMEngine:
         vocab = self.model_runner.model.config.get_text_config().vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        forced = params.forced_token_ids
+        if forced is not None and any(t >= vocab for t in forced):
+            raise ValueError(f"forced token ids must be in [0, {vocab})")
+        if forced is not None and num + len(forced) > min(context, self.max_model_len):
+            raise PromptTooLongError(
+                f"prompt ({num} tokens) and forced tokens ({len(forced)}) exceed max_model_len "
+                f"{min(context, self.max_model_len)}")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     prompt_token_ids: list[int] | None = None) -> None:
@@ -107,7 +117,8 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already running")
         token_ids = prompt_token_ids or (self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
         self.validate(token_ids, params)
-        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids))
+        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids),
+                         len(params.forced_token_ids or ()) or self.max_model_len)
         seqs: list[Sequence] = []
         for index in range(params.n):
             seq = Sequence(next(self._seq_ids), request_id, index, list(token_ids), len(token_ids), params,
@@ -174,11 +185,14 @@ class LLMEngine:
         stats = self.stats
         used = self.block_manager.num_used_blocks
         logical = used + self.policy.saved_blocks(self.scheduler.running)
+        running = len(self.scheduler.running)
         stats.peak_used_blocks = max(stats.peak_used_blocks, used)
         stats.peak_logical_blocks = max(stats.peak_logical_blocks, logical)
+        stats.peak_running = max(stats.peak_running, running)
         stats.sum_used_blocks += used
         stats.sum_logical_blocks += logical
-        stats.kv_history.append((stats.engine_time_s, used, logical))
+        stats.sum_running += running
+        stats.kv_history.append((stats.engine_time_s, used, logical, running))
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> None:
         seq.token_ids.append(token)
@@ -254,6 +268,9 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_recomputed_tokens": self.scheduler.num_recomputed_tokens,
+            "num_running_peak": self.stats.peak_running,
+            "num_running_mean": self.stats.sum_running / self.stats.num_steps if self.stats.num_steps else 0.0,
             "prefix_cache_queries": bm.prefix_queries,
             "prefix_cache_hits": bm.prefix_hits,
             "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,

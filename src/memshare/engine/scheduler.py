@@ -19,6 +19,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_recomputed_tokens = 0  # computed tokens whose KV preemption dropped (prefix-cache hits may spare some)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -71,6 +72,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> Sequence:
         self.running.remove(seq)
+        self.num_recomputed_tokens += seq.num_computed_tokens
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -1,4 +1,4 @@
-"""`memshare` command line: generate, serve, demo, calibrate, eval, report, bench, fidelity."""
+"""`memshare` command line: generate, serve, demo, calibrate, eval, replay, report, bench, fidelity."""
 
 import argparse
 import json
@@ -147,6 +147,9 @@ def add_policy_args(parser: argparse.ArgumentParser, policies: str) -> None:
     add_share_args(parser)
     parser.add_argument("--policies", default=policies, help="policy[:field=value...] specs run in order, e.g. "
                         "none,memshare:block_threshold=0.61,random:share_ratio=memshare,h2o:kv_budget=memshare")
+    parser.add_argument("--sweep", action="append", default=None, metavar="FIELD=V1,V2,...",
+                        help="run the specs once per value (repeatable, zipped): the field is set on every spec whose "
+                        "policy has it as a knob, e.g. --sweep step_threshold=0.7,0.5 --sweep block_threshold=0.62,0.5")
 
 
 def policy_defaults(args: argparse.Namespace) -> ShareConfig:
@@ -156,9 +159,9 @@ def policy_defaults(args: argparse.Namespace) -> ShareConfig:
 
 
 def policy_specs(args: argparse.Namespace) -> list:
-    from memshare.eval.policies import parse_policies
+    from memshare.eval.policies import expand_sweep, parse_policies, parse_sweep
 
-    return parse_policies(args.policies, policy_defaults(args))
+    return expand_sweep(parse_policies(args.policies, policy_defaults(args)), parse_sweep(args.sweep))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -190,11 +193,13 @@ def cmd_fidelity(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from memshare.eval.harness import EvalConfig, run_eval
+    from memshare.eval.policies import parse_sweep
 
     share = policy_defaults(args)
     engine = engine_kwargs(args)
     del engine["share"]
-    config = EvalConfig(model=args.model, dataset=args.dataset, out=args.out, policies=args.policies, share=share,
+    config = EvalConfig(model=args.model, dataset=args.dataset, out=args.out, policies=args.policies,
+                        sweep=parse_sweep(args.sweep), share=share,
                         problem_field=args.problem_field, answer_field=args.answer_field, limit=args.limit,
                         samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                         max_tokens=args.max_tokens, seed=args.seed, instruction=args.instruction, engine=engine)
@@ -203,6 +208,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
               f"saved {s['memory_saved_mean']:.1%} (peak {s['memory_saved_peak']:.1%}), "
               f"{s['generation_tokens_per_s']:.1f} tok/s")
     print(f"runs are in {args.out}; `memshare report {args.out}` tabulates and plots them")
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    from memshare.eval.policies import parse_sweep
+    from memshare.eval.replay import ReplayConfig, run_replay
+    from memshare.eval.report import build_report
+
+    engine = engine_kwargs(args)
+    del engine["share"]
+    config = ReplayConfig(model=args.model, traces=args.traces, out=args.out, policies=args.policies,
+                          sweep=parse_sweep(args.sweep), share=policy_defaults(args), prompt_field=args.prompt_field,
+                          response_field=args.response_field, limit=args.limit, max_tokens=args.max_tokens,
+                          top_k=args.top_k, engine=engine)
+    for s in run_replay(config):
+        kl = "" if s["kl"] is None else f", KL {s['kl']:.4f}, top-1 {s['top1']:.1%}"
+        print(f"{s['run']}: {s['output_tokens_per_s']:.1f} tok/s, batch {s['num_running_mean']:.1f} (peak "
+              f"{s['num_running_peak']}), {s['num_preemptions']} preemptions, memory saved {s['memory_saved_mean']:.1%}"
+              f"{kl}")
+    build_report(args.out)
+    print(f"wrote {args.out / 'report.md'} and its plots")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -295,6 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("results/eval"))
     ev.set_defaults(func=cmd_eval)
 
+    rp = sub.add_parser("replay", help="teacher-force a JSONL of reasoning traces through each policy under one KV "
+                        "budget: tok/s on identical tokens, batch, preemptions, memory saved, KL and top-1 vs dense; "
+                        "one resumable JSONL per run")
+    add_engine_args(rp)
+    add_policy_args(rp, "none,memshare")
+    rp.add_argument("--traces", type=Path, required=True, help="JSONL: a prompt (text or OpenAI messages) and the "
+                    "response to force, per line")
+    rp.add_argument("--prompt-field", default=None, help="default: the first of prompt, question, messages")
+    rp.add_argument("--response-field", default="response")
+    rp.add_argument("--limit", type=int, default=None, help="the first N traces (default: all)")
+    rp.add_argument("--max-tokens", type=int, default=2048, help="forced tokens per trace (responses are cut)")
+    rp.add_argument("--top-k", type=int, default=20, help="dense log-probabilities kept per token for the KL")
+    rp.add_argument("--out", type=Path, default=Path("results/replay"))
+    rp.set_defaults(func=cmd_replay)
+
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions "
                          "(streaming), /v1/models, /health, /metrics")
     add_engine_args(srv)
@@ -312,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
     srv.set_defaults(func=cmd_serve)
 
-    rep = sub.add_parser("report", help="Markdown table and accuracy-vs-memory plots of the eval runs under DIR")
+    rep = sub.add_parser("report", help="Markdown tables and plots of the eval and replay runs under DIR")
     rep.add_argument("dir", type=Path)
     rep.set_defaults(func=cmd_report)
     return parser

@@ -40,7 +40,7 @@ class BenchResult:
     ttft_s: dict[str, float]
     tpot_s: dict[str, float]
     stats: dict[str, Any]
-    kv_history: list[tuple[float, int, int]] = field(default_factory=list)  # (engine s, physical, logical)
+    kv_history: list[tuple[float, int, int, int]] = field(default_factory=list)  # (engine s, physical, logical, batch)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -67,7 +67,7 @@ def run_policy(label: str, model: str, share: ShareConfig, problems: list[Proble
     history = llm.llm_engine.stats.kv_history
     num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return BenchResult(label, asdict(share), len(problems), num_tokens, wall, num_tokens / wall,
-                       stats["kv_blocks_peak"], float(np.mean([used for _, used, _ in history])),
+                       stats["kv_blocks_peak"], float(np.mean([h[1] for h in history])),
                        stats["memory_saved_mean"], stats["memory_saved_peak"], stats["num_preemptions"],
                        stats["affected_ratio"], percentiles([o.metrics["time_to_first_token_s"] for o in outputs]),
                        percentiles([tpot(o) for o in outputs]), stats, sampled_history(history))

@@ -26,11 +26,11 @@ class RunResult:
     wall_time_s: float
     tokens_per_s: float
     stats: dict[str, Any]
-    kv_history: list[tuple[float, int, int]] = field(default_factory=list)  # (engine s, physical, logical)
+    kv_history: list[tuple[float, int, int, int]] = field(default_factory=list)  # (engine s, physical, logical, batch)
     outputs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def sampled_history(history: list[tuple[float, int, int]]) -> list[tuple[float, int, int]]:
+def sampled_history(history: list[tuple]) -> list[tuple]:
     """At most about MAX_HISTORY_POINTS evenly strided points of an engine's KV history, for JSON and plots."""
     return history[:: max(1, len(history) // MAX_HISTORY_POINTS)]
 
@@ -73,7 +73,7 @@ def plot_kv_blocks(ax: Any, runs: list[tuple[str, list[tuple[float, int, int]]]]
                    title: str) -> None:
     """Physical KV blocks in use over engine time, one line per (label, kv_history), the budget dotted."""
     for label, history in runs:
-        ax.plot([t for t, _, _ in history], [used for _, used, _ in history], label=label, linewidth=1)
+        ax.plot([h[0] for h in history], [h[1] for h in history], label=label, linewidth=1)
     ax.axhline(num_kv_blocks, color="grey", linestyle=":", label="KV budget")
     ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use", title=title)
     ax.legend(fontsize=8)
@@ -92,8 +92,8 @@ def save(results: list[RunResult], out_dir: Path, title: str) -> tuple[Path, Pat
     fig, (blocks_ax, saved_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
     plot_kv_blocks(blocks_ax, [(r.label, r.kv_history) for r in results], results[0].stats["num_kv_blocks"], title)
     for r in results:
-        saved_ax.plot([t for t, _, _ in r.kv_history],
-                      [1 - used / logical if logical else 0 for _, used, logical in r.kv_history],
+        saved_ax.plot([h[0] for h in r.kv_history],
+                      [1 - h[1] / h[2] if h[2] else 0 for h in r.kv_history],
                       label=r.label, linewidth=1)
     saved_ax.set(xlabel="engine time (s)", ylabel="memory saved (1 - physical / logical)",
                  title="memory saved by sharing")

@@ -21,7 +21,7 @@ from memshare.entrypoints.llm import LLM
 from memshare.errors import MemShareError
 from memshare.eval.datasets import BUILTIN, DEFAULT_INSTRUCTION, Problem, chat_prompt, load_problems
 from memshare.eval.grading import is_correct
-from memshare.eval.policies import LABEL_FIELDS, PolicySpec, parse_policies, share_for
+from memshare.eval.policies import LABEL_FIELDS, PolicySpec, expand_sweep, parse_policies, share_for
 from memshare.eval.report import parameters, read_records, safe_name, score
 from memshare.outputs import RequestOutput
 from memshare.sampling_params import SamplingParams
@@ -41,13 +41,14 @@ class ConfigMismatchError(MemShareError):
 
 @dataclass(slots=True)
 class EvalConfig:
-    """What `memshare eval` runs: each spec of `policies` (see `parse_policies`, starting from `share`) over the
-    dataset's first `limit` problems, `samples` per problem; problem i is seeded `seed + i`."""
+    """What `memshare eval` runs: each spec of `policies` (see `parse_policies`, starting from `share`; expanded
+    over `sweep`) over the dataset's first `limit` problems, `samples` per problem; problem i is seeded `seed + i`."""
 
     model: str
     dataset: str
     out: Path
     policies: str = "none,memshare"
+    sweep: dict[str, list[str]] = field(default_factory=dict)  # see `expand_sweep`
     share: ShareConfig = field(default_factory=ShareConfig)
     problem_field: str = "problem"
     answer_field: str = "answer"
@@ -172,7 +173,7 @@ def _get(tree: dict[str, Any], dotted: str) -> Any:
     return tree
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -223,7 +224,7 @@ def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]
                "matched": config.get("matched"), "model": config["model"], "dataset": config["dataset"]["name"],
                "complete": len(records) == config["dataset"]["num_problems"], **score(records),
                **aggregate(sessions), "sessions": sessions}
-    _write_atomic(run.sibling(".summary.json"), json.dumps(summary, indent=1))
+    write_atomic(run.sibling(".summary.json"), json.dumps(summary, indent=1))
     return summary
 
 
@@ -267,7 +268,7 @@ def run_one(config: EvalConfig, run: Run, share: ShareConfig, problems: list[Pro
     run_cfg = run_config(config, run, share, problems, memshare_ratio)
     check_config(run, run_cfg)
     run.path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run.sibling(".config.json"), json.dumps(run_cfg, indent=1))
+    write_atomic(run.sibling(".config.json"), json.dumps(run_cfg, indent=1))
     records, size = read_records(run.path)
     if run.path.exists() and size < run.path.stat().st_size:
         os.truncate(run.path, size)  # a killed writer's half line: its problem runs again
@@ -281,7 +282,7 @@ def run_one(config: EvalConfig, run: Run, share: ShareConfig, problems: list[Pro
     if todo:
         generate(config, run, share, todo, records, sessions, run_cfg)
     records.sort(key=lambda r: order[r["problem_id"]])
-    _write_atomic(run.path, "".join(json.dumps(r) + "\n" for r in records))
+    write_atomic(run.path, "".join(json.dumps(r) + "\n" for r in records))
     return write_summary(run, run_cfg, records, sessions)
 
 
@@ -293,7 +294,8 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
     configuration differs.
     """
     problems = load(config)
-    runs = plan_runs(parse_policies(config.policies, config.share), config.out / dataset_name(config.dataset))
+    specs = expand_sweep(parse_policies(config.policies, config.share), config.sweep)
+    runs = plan_runs(specs, config.out / dataset_name(config.dataset))
     for run in runs:  # fail now rather than after hours of earlier runs; matched configs are known only later
         if run.memshare is None:
             check_config(run, run_config(config, run, run.spec.share, problems, None))

@@ -72,6 +72,41 @@ def parse_policies(text: str, defaults: ShareConfig | None = None) -> list[Polic
     return specs
 
 
+def parse_sweep(items: list[str] | None) -> dict[str, list[str]]:
+    """`["block_threshold=0.62,0.55,0.5", ...]` -> {field: values}; every field needs as many values."""
+    known = {f.name for f in fields(ShareConfig)}
+    sweep: dict[str, list[str]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        if not sep or key not in known or key == "policy" or not values:
+            raise ValueError(f"bad --sweep {item!r}: use field=v1,v2,... with a ShareConfig field")
+        sweep[key] = values
+    if len({len(v) for v in sweep.values()}) > 1:
+        raise ValueError(f"--sweep fields need as many values each, got {sweep}")
+    return sweep
+
+
+def expand_sweep(specs: list[PolicySpec], sweep: dict[str, list[str]]) -> list[PolicySpec]:
+    """The specs once per sweep level, level by level, each swept field set on the specs whose policy has it as a
+    knob (and does not match it to MemShare); a spec the sweep leaves unchanged (dense) runs once."""
+    if not sweep:
+        return specs
+    defaults = ShareConfig()
+    expanded: list[PolicySpec] = []
+    for level in range(len(next(iter(sweep.values())))):
+        for spec in specs:
+            values = {k: _convert(k, v[level], getattr(defaults, k)) for k, v in sweep.items()
+                      if k in LABEL_FIELDS.get(spec.share.policy, ()) and k not in spec.match}
+            try:
+                swept = PolicySpec(replace(spec.share, **values), spec.match)
+            except ValueError as error:
+                raise ValueError(f"--sweep level {level + 1} for {spec.label}: {error}") from error
+            if swept not in expanded:
+                expanded.append(swept)
+    return expanded
+
+
 R = TypeVar("R")
 
 

@@ -81,6 +81,8 @@ def load_runs(directory: Path) -> list[dict[str, Any]]:
     for config_path in sorted(Path(directory).rglob("*.config.json")):
         stem = config_path.name.removesuffix(".config.json")
         config = json.loads(config_path.read_text())
+        if config.get("kind") == "replay":
+            continue
         summary_path = config_path.with_name(f"{stem}.summary.json")
         records = read_records(config_path.with_name(f"{stem}.jsonl"))[0]
         runs.append({"name": config["run"], "policy": config["share"]["policy"], "config": config,
@@ -228,15 +230,133 @@ def _section(directory: Path, dataset: str, runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def load_replay_runs(directory: Path) -> list[dict[str, Any]]:
+    """Every `memshare replay` run under `directory` that has a summary: its config and summary."""
+    runs = []
+    for config_path in sorted(Path(directory).rglob("*.config.json")):
+        config = json.loads(config_path.read_text())
+        summary_path = config_path.with_name(config_path.name.replace(".config.json", ".summary.json"))
+        if config.get("kind") == "replay" and summary_path.exists():
+            runs.append({"name": config["run"], "policy": config["share"]["policy"], "config": config,
+                         "summary": json.loads(summary_path.read_text())})
+    return runs
+
+
+REPLAY_COLUMNS = ("policy", "parameters", "traces", "output tok/s", "× dense", "wall s", "batch mean / peak",
+                  "preemptions", "recomputed tokens", "KV blocks mean / peak", "memory saved mean / peak",
+                  "affected ratio", "KL(dense ‖ policy)", "top-1", "sharing time")
+
+
+def _optional(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _replay_row(run: dict[str, Any], dense: dict[str, Any] | None) -> str:
+    s, total = run["summary"], run["config"]["traces"]["num_traces"]
+    traces = f"{s['num_traces']}" + ("" if s["num_traces"] == total else f" of {total}")
+    if len(s["sessions"]) > 1:
+        traces += f" ({len(s['sessions'])} sessions)"  # a resumed run's tok/s is not one batch's
+    ratio = s["output_tokens_per_s"] / dense["summary"]["output_tokens_per_s"] if dense else None
+    cells = [run["policy"], _parameters_text(run), traces, f"{s['output_tokens_per_s']:.1f}",
+             _optional(ratio, ".2f"), f"{s['wall_time_s']:.0f}",
+             f"{s['num_running_mean']:.1f} / {s['num_running_peak']}", str(s["num_preemptions"]),
+             str(s["num_recomputed_tokens"]), f"{s['kv_blocks_mean']:.0f} / {s['kv_blocks_peak']}",
+             f"{s['memory_saved_mean']:.1%} / {s['memory_saved_peak']:.1%}", f"{s['affected_ratio']:.1%}",
+             _optional(s["kl"], ".4f"), _optional(s["top1"], ".1%"), f"{s['sharing_time_share']:.2%}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def kl_crossings(runs: list[dict[str, Any]], level: float) -> dict[str, str]:
+    """Per plot series, where its mean KL first reaches `level` along memory saved (linearly interpolated)."""
+    result = {}
+    for name, group in group_series([r for r in runs if r["summary"]["kl"] is not None]).items():
+        points = sorted((r["summary"]["memory_saved_mean"], r["summary"]["kl"]) for r in group)
+        above = next((i for i, (_, kl) in enumerate(points) if kl >= level), None)
+        if above is None:
+            result[name] = f"stays below {level} up to {points[-1][0]:.1%} memory saved"
+        elif above == 0:
+            result[name] = f"already {points[0][1]:.3f} at {points[0][0]:.1%} memory saved (its least)"
+        else:
+            (x0, y0), (x1, y1) = points[above - 1], points[above]
+            x = x0 + (level - y0) * (x1 - x0) / (y1 - y0)
+            result[name] = f"crosses {level} at about {x:.1%} memory saved (between {x0:.1%} and {x1:.1%})"
+    return result
+
+
+def plot_replay(title: str, runs: list[dict[str, Any]], dense: dict[str, Any] | None, directory: Path,
+                stem: str) -> list[str]:
+    """KL and tok/s ratio against memory saved (one line per series), and running batch and KV blocks over engine
+    time (one line per run); returns the PNG names."""
+    plt = _pyplot()
+    names = [f"{stem}_kl_throughput_vs_memory.png", f"{stem}_batch_kv.png"]
+    fig, (kl_ax, speed_ax) = plt.subplots(1, 2, figsize=(13, 4.6))
+    for name, group in group_series([r for r in runs if r["summary"]["kl"] is not None]).items():
+        group = sorted(group, key=lambda r: r["summary"]["memory_saved_mean"])
+        x = [r["summary"]["memory_saved_mean"] for r in group]
+        kl_ax.plot(x, [max(r["summary"]["kl"], 1e-6) for r in group], marker="o", label=name)
+        if dense:
+            base = dense["summary"]["output_tokens_per_s"]
+            speed_ax.plot(x, [r["summary"]["output_tokens_per_s"] / base for r in group], marker="o", label=name)
+    kl_ax.axhline(0.05, color="grey", linestyle=":", label="KL 0.05")
+    kl_ax.set(xlabel="memory saved (mean of 1 - physical / logical KV blocks)", yscale="log",
+              ylabel="mean KL(dense || policy) per token, nats", title=f"{title}: fidelity vs. memory")
+    speed_ax.axhline(1.0, color="grey", linestyle=":", label="dense")
+    speed_ax.set(xlabel="memory saved (mean)", ylabel="output tok/s ÷ dense (same tokens)",
+                 title=f"{title}: throughput vs. memory")
+    for ax in (kl_ax, speed_ax):
+        ax.legend(fontsize=7)
+    _save(plt, fig, directory / names[0])
+    fig, (batch_ax, blocks_ax) = plt.subplots(1, 2, figsize=(13, 4.6))
+    for run in runs:
+        history = run["summary"]["sessions"][-1]["kv_history"]
+        times = [h[0] for h in history]
+        batch_ax.plot(times, [h[3] for h in history], linewidth=1, label=run["name"])
+        blocks_ax.plot(times, [h[1] for h in history], linewidth=1, label=run["name"])
+    budget = runs[0]["summary"]["sessions"][-1]["num_kv_blocks"]
+    blocks_ax.axhline(budget, color="grey", linestyle=":", label="KV budget")
+    batch_ax.set(xlabel="engine time (s)", ylabel="running sequences", title=f"{title}: batch")
+    blocks_ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use", title=f"{title}: KV blocks")
+    blocks_ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _save(plt, fig, directory / names[1])
+    return names
+
+
+def _replay_section(directory: Path, runs: list[dict[str, Any]]) -> str:
+    first = runs[0]["config"]
+    traces, model = first["traces"], first["model"]
+    dense = next((r for r in runs if r["policy"] == "none"), None)
+    stem = safe_name(f"{traces['name']}_{model}")
+    title = f"{model}, {traces['name']}"
+    blocks = runs[0]["summary"]["sessions"][0]["num_kv_blocks"]
+    lines = [f"## replay: {traces['name']} on {model}", "",
+             f"{traces['num_traces']} traces, responses cut at {traces['max_tokens']} tokens "
+             f"({traces['forced_tokens']} forced tokens), all submitted at once into {blocks} KV blocks of "
+             f"{first['engine']['block_size']} tokens. Every policy produces the same tokens, so × dense is a "
+             "like-for-like throughput ratio. KL: over the dense run's top-"
+             f"{first['top_k']} plus one bucket for the rest (a lower bound of the full KL).", "",
+             "| " + " | ".join(REPLAY_COLUMNS) + " |", "|" + "---|" * len(REPLAY_COLUMNS),
+             *(_replay_row(r, dense) for r in runs), ""]
+    mismatched = [r["name"] for r in runs if not r["summary"]["tokens_match"]]
+    if mismatched:
+        lines += [f"**Output differs from the forced tokens in: {', '.join(mismatched)}**", ""]
+    lines += [f"- {name}: KL {text}" for name, text in kl_crossings(runs, 0.05).items()]
+    names = plot_replay(title, runs, dense, directory, stem)
+    lines += ["", *(f"![{n}]({n})" for n in names)]
+    return "\n".join(lines)
+
+
 def build_report(directory: str | Path) -> str:
-    """Write DIR/report.md and its PNG plots for every eval run under DIR; returns the Markdown."""
+    """Write DIR/report.md and its PNG plots for every eval and replay run under DIR; returns the Markdown."""
     directory = Path(directory)
-    runs = load_runs(directory)
-    if not runs:
-        raise FileNotFoundError(f"no eval runs (*.config.json) under {directory}")
-    sections = ["# memshare eval report"]
+    runs, replays = load_runs(directory), load_replay_runs(directory)
+    if not runs and not replays:
+        raise FileNotFoundError(f"no eval or replay runs (*.config.json) under {directory}")
+    sections = ["# memshare report"]
     for dataset in sorted({r["dataset"] for r in runs}):
         sections.append(_section(directory, dataset, sorted((r for r in runs if r["dataset"] == dataset), key=_order)))
+    for key in sorted({(r["config"]["traces"]["name"], r["config"]["model"]) for r in replays}):
+        group = [r for r in replays if (r["config"]["traces"]["name"], r["config"]["model"]) == key]
+        sections.append(_replay_section(directory, sorted(group, key=_order)))
     text = "\n\n".join(sections) + "\n"
     (directory / "report.md").write_text(text)
     return text

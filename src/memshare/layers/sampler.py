@@ -78,6 +78,13 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence],
     return result
 
 
+def _apply_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    for row, seq in enumerate(seqs):
+        for processor in seq.params.logits_processors:
+            logits[row] = processor(seq.output_token_ids, logits[row])
+    return logits
+
+
 class Sampler:
     """Turns the last-position logits of each sequence into its next token (and logprobs on request)."""
 
@@ -86,9 +93,13 @@ class Sampler:
         self.decode = decode
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list]:
-        logits = self._suppress_stops_before_min_tokens(logits.float(), seqs)
+        logits = self._suppress_stops_before_min_tokens(_apply_processors(logits.float(), seqs), seqs)
+        forced = [s.params.forced_token_ids[s.num_output_tokens] if s.params.forced_token_ids else -1 for s in seqs]
+        forced_ids = torch.tensor(forced, device=logits.device)
         greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
-        if greedy.all():
+        if min(forced) >= 0:
+            tokens = forced_ids
+        elif greedy.all():
             tokens = logits.argmax(dim=1)
         else:
             probs, ids = _candidates(logits, seqs)
@@ -96,6 +107,7 @@ class Sampler:
             if ids is not None:
                 sampled = ids.gather(1, sampled.unsqueeze(1)).squeeze(1)
             tokens = torch.where(greedy, logits.argmax(dim=1), sampled)
+        tokens = torch.where(forced_ids >= 0, forced_ids, tokens)
         logprobs = [None] * len(seqs)
         if any(s.params.logprobs is not None for s in seqs):
             logprobs = _logprobs(logits, tokens, seqs, self.decode)
