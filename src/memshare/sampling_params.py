@@ -16,8 +16,8 @@ class SamplingParams:
     `logprobs=k` returns, per generated token, the sampled token's and the top-k log-probabilities.
     `logits_processors` see (and may change) each request's next-token logits before sampling.
     `forced_token_ids` teacher-forces the output: those tokens are produced in order instead of sampled tokens
-    (logprobs are then the forced tokens'), and the request ends after the last one; stop conditions still apply,
-    so set `ignore_eos` to force past an end-of-sequence token.
+    (logprobs are then the forced tokens'), and the request ends after the last one (or at `max_tokens`); stop
+    conditions still apply, so set `ignore_eos` to force past an end-of-sequence token.
     """
 
     n: int = 1
