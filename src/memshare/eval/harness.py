@@ -263,20 +263,27 @@ def generate(config: EvalConfig, run: Run, share: ShareConfig, todo: list[tuple[
     gc.collect()
 
 
-def run_one(config: EvalConfig, run: Run, share: ShareConfig, problems: list[Problem],
-            memshare_ratio: float | None) -> dict[str, Any]:
-    run_cfg = run_config(config, run, share, problems, memshare_ratio)
+def open_run(run: Run, run_cfg: dict[str, Any], key: str, ids: dict[str, int]) -> tuple[list[dict[str, Any]],
+                                                                                   list[dict[str, Any]]]:
+    """Check and write the run's config; return its records (keyed by `key`, all in `ids`) and sessions so far."""
     check_config(run, run_cfg)
     run.path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(run.sibling(".config.json"), json.dumps(run_cfg, indent=1))
     records, size = read_records(run.path)
     if run.path.exists() and size < run.path.stat().st_size:
-        os.truncate(run.path, size)  # a killed writer's half line: its problem runs again
-    order = {p.problem_id: i for i, p in enumerate(problems)}
-    if any(r["problem_id"] not in order for r in records):
-        raise ValueError(f"{run.path} holds problems that are not in the dataset")
+        os.truncate(run.path, size)  # a killed writer's half line: its item runs again
+    if any(r[key] not in ids for r in records):
+        raise ValueError(f"{run.path} holds records whose {key} is not among the inputs")
     summary_path = run.sibling(".summary.json")
     sessions = json.loads(summary_path.read_text())["sessions"] if summary_path.exists() else []
+    return records, sessions
+
+
+def run_one(config: EvalConfig, run: Run, share: ShareConfig, problems: list[Problem],
+            memshare_ratio: float | None) -> dict[str, Any]:
+    run_cfg = run_config(config, run, share, problems, memshare_ratio)
+    order = {p.problem_id: i for i, p in enumerate(problems)}
+    records, sessions = open_run(run, run_cfg, "problem_id", order)
     done = {r["problem_id"] for r in records}
     todo = [(i, p) for i, p in enumerate(problems) if p.problem_id not in done]
     if todo:

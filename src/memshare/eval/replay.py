@@ -35,12 +35,13 @@ from memshare.eval.harness import (
     Run,
     aggregate,
     check_config,
+    open_run,
     plan_runs,
     session_stats,
     write_atomic,
 )
 from memshare.eval.policies import expand_sweep, parse_policies, share_for
-from memshare.eval.report import read_records, safe_name
+from memshare.eval.report import safe_name
 from memshare.sampling_params import SamplingParams
 
 PROMPT_FIELDS = ("prompt", "question", "messages")
@@ -302,17 +303,8 @@ def replay(config: ReplayConfig, run: Run, share: ShareConfig, todo: list[Trace]
 def run_one(config: ReplayConfig, run: Run, share: ShareConfig, traces: list[Trace], reference: Path, dense: bool,
             memshare_ratio: float | None) -> dict[str, Any]:
     run_cfg = run_config(config, run, share, traces, memshare_ratio)
-    check_config(run, run_cfg)
-    run.path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(run.sibling(".config.json"), json.dumps(run_cfg, indent=1))
-    records, size = read_records(run.path)
-    if run.path.exists() and size < run.path.stat().st_size:
-        os.truncate(run.path, size)  # a killed writer's half line: its trace runs again
     order = {t.trace_id: i for i, t in enumerate(traces)}
-    if any(r["trace_id"] not in order for r in records):
-        raise ValueError(f"{run.path} holds traces that are not in {config.traces}")
-    summary_path = run.sibling(".summary.json")
-    sessions = json.loads(summary_path.read_text())["sessions"] if summary_path.exists() else []
+    records, sessions = open_run(run, run_cfg, "trace_id", order)
     done = {r["trace_id"] for r in records}
     todo = [t for t in traces if t.trace_id not in done]
     if todo:
