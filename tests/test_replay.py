@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from memshare import EngineConfig, PromptTooLongError, SamplingParams, ShareConfig
 from memshare.engine.llm_engine import LLMEngine
+from memshare.eval.harness import plan_runs
 from memshare.eval.policies import expand_sweep, parse_policies, parse_sweep
 from memshare.eval.replay import TraceFileError, read_trace_file
 from memshare.eval.report import kl_crossings, read_records
@@ -160,7 +161,13 @@ def test_sweep_expands_level_by_level_and_runs_dense_once():
     sweep = parse_sweep(["block_threshold=0.6,0.5", "kv_budget=4,8"])
     got = [(s.share.policy, s.share.block_threshold, s.share.kv_budget, s.match) for s in expand_sweep(specs, sweep)]
     assert got == [("none", 0.8, 32, ()), ("memshare", 0.6, 32, ()), ("random", 0.8, 32, ("share_ratio",)),
-                   ("streamingllm", 0.8, 4, ()), ("memshare", 0.5, 32, ()), ("streamingllm", 0.8, 8, ())]
+                   ("streamingllm", 0.8, 4, ()), ("memshare", 0.5, 32, ()), ("random", 0.8, 32, ("share_ratio",)),
+                   ("streamingllm", 0.8, 8, ())]
+    # A matched spec runs again only when its MemShare run changed.
+    unchanged = expand_sweep(parse_policies("memshare,random:share_ratio=memshare,streamingllm"),
+                             parse_sweep(["kv_budget=4,8"]))
+    assert [s.share.policy for s in unchanged] == ["memshare", "random", "streamingllm", "streamingllm"]
+    assert len(plan_runs(expand_sweep(specs, sweep), Path("out"))) == 7
     for bad in (["block_threshold=0.6", "kv_budget=4,8"], ["nonsense=1"], ["block_threshold="]):
         with pytest.raises(ValueError, match="sweep"):
             parse_sweep(bad)

@@ -89,12 +89,15 @@ def parse_sweep(items: list[str] | None) -> dict[str, list[str]]:
 
 def expand_sweep(specs: list[PolicySpec], sweep: dict[str, list[str]]) -> list[PolicySpec]:
     """The specs once per sweep level, level by level, each swept field set on the specs whose policy has it as a
-    knob (and does not match it to MemShare); a spec the sweep leaves unchanged (dense) runs once."""
+    knob (and does not match it to MemShare); a spec the sweep leaves unchanged (dense) runs once, a matched spec
+    once per MemShare run it is matched to."""
     if not sweep:
         return specs
     defaults = ShareConfig()
     expanded: list[PolicySpec] = []
+    seen: list[tuple[PolicySpec, PolicySpec | None]] = []
     for level in range(len(next(iter(sweep.values())))):
+        source: PolicySpec | None = None
         for spec in specs:
             values = {k: _convert(k, v[level], getattr(defaults, k)) for k, v in sweep.items()
                       if k in LABEL_FIELDS.get(spec.share.policy, ()) and k not in spec.match}
@@ -102,8 +105,11 @@ def expand_sweep(specs: list[PolicySpec], sweep: dict[str, list[str]]) -> list[P
                 swept = PolicySpec(replace(spec.share, **values), spec.match)
             except ValueError as error:
                 raise ValueError(f"--sweep level {level + 1} for {spec.label}: {error}") from error
-            if swept not in expanded:
+            if (swept, source if swept.match else None) not in seen:
+                seen.append((swept, source if swept.match else None))
                 expanded.append(swept)
+            if swept.share.policy == "memshare":
+                source = swept
     return expanded
 
 
