@@ -16,7 +16,7 @@ from memshare.engine.llm_engine import LLMEngine
 from memshare.eval.harness import plan_runs
 from memshare.eval.policies import expand_sweep, parse_policies, parse_sweep
 from memshare.eval.replay import TraceFileError, read_trace_file
-from memshare.eval.report import kl_crossings, read_records
+from memshare.eval.report import kl_crossings, read_records, replay_levels
 
 from .conftest import MODEL
 from .test_sharing import PASSAGE
@@ -184,6 +184,16 @@ def test_kl_crossings_interpolate_along_memory_saved():
     got = kl_crossings(runs, 0.05)
     assert got["memshare"].startswith("crosses 0.05 at about 30.0% memory saved")
     assert got["h2o"].startswith("already 0.060") and got["rkv"].startswith("stays below 0.05 up to 30.0%")
+
+
+def test_replay_levels_group_matched_baselines_with_their_memshare_run():
+    def run(name: str, policy: str, source: str | None = None) -> dict:
+        return {"name": name, "policy": policy, "config": {"matched": {"memshare_run": source}} if source else {}}
+
+    runs = [run("none", "none"), run("m1", "memshare"), run("r1", "rkv", "m1"), run("m2", "memshare"),
+            run("h2", "h2o", "m2"), run("r2", "rkv", "m2"), run("s", "streamingllm")]
+    got = {level: [r["name"] for r in members] for level, members in replay_levels(runs).items()}
+    assert got == {"m1": ["m1", "r1"], "m2": ["m2", "h2", "r2"], "unmatched": ["s"]}
 
 
 # Three traces of about 25 + 96 tokens (8 blocks each) in 18 blocks: dense preempts.

@@ -283,6 +283,18 @@ def kl_crossings(runs: list[dict[str, Any]], level: float) -> dict[str, str]:
     return result
 
 
+def replay_levels(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Non-dense runs grouped by MemShare level: each MemShare run with the baselines matched to it, then the rest."""
+    levels: dict[str, list[dict[str, Any]]] = {r["name"]: [r] for r in runs if r["policy"] == "memshare"}
+    for run in runs:
+        source = run["config"].get("matched", {}).get("memshare_run")
+        if source in levels:
+            levels[source].append(run)
+        elif run["policy"] not in ("none", "memshare"):
+            levels.setdefault("unmatched", []).append(run)
+    return levels or {"dense": []}
+
+
 def plot_replay(title: str, runs: list[dict[str, Any]], dense: dict[str, Any] | None, directory: Path,
                 stem: str) -> list[str]:
     """KL and tok/s ratio against memory saved (one line per series), and running batch and KV blocks over engine
@@ -306,17 +318,21 @@ def plot_replay(title: str, runs: list[dict[str, Any]], dense: dict[str, Any] | 
     for ax in (kl_ax, speed_ax):
         ax.legend(fontsize=7)
     _save(plt, fig, directory / names[0])
-    fig, (batch_ax, blocks_ax) = plt.subplots(1, 2, figsize=(13, 4.6))
-    for run in runs:
-        history = run["summary"]["sessions"][-1]["kv_history"]
-        times = [h[0] for h in history]
-        batch_ax.plot(times, [h[3] for h in history], linewidth=1, label=run["name"])
-        blocks_ax.plot(times, [h[1] for h in history], linewidth=1, label=run["name"])
+    levels = replay_levels(runs)
+    fig, axes = plt.subplots(len(levels), 2, figsize=(13, 3.6 * len(levels)), squeeze=False)
+    colors = {policy: f"C{i}" for i, policy in enumerate(dict.fromkeys(r["policy"] for r in runs))}
     budget = runs[0]["summary"]["sessions"][-1]["num_kv_blocks"]
-    blocks_ax.axhline(budget, color="grey", linestyle=":", label="KV budget")
-    batch_ax.set(xlabel="engine time (s)", ylabel="running sequences", title=f"{title}: batch")
-    blocks_ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use", title=f"{title}: KV blocks")
-    blocks_ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    for (level, members), (batch_ax, blocks_ax) in zip(levels.items(), axes):
+        for run in ([dense] if dense else []) + members:
+            history = run["summary"]["sessions"][-1]["kv_history"]
+            times = [h[0] for h in history]
+            batch_ax.plot(times, [h[3] for h in history], linewidth=1, color=colors[run["policy"]], label=run["policy"])
+            blocks_ax.plot(times, [h[1] for h in history], linewidth=1, color=colors[run["policy"]])
+        blocks_ax.axhline(budget, color="grey", linestyle=":", label="KV budget")
+        batch_ax.set(xlabel="engine time (s)", ylabel="running sequences", title=f"{level}: batch")
+        blocks_ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use", title=f"{level}: KV blocks")
+        batch_ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: running batch and KV blocks, dense and each MemShare level with its matched baselines")
     _save(plt, fig, directory / names[1])
     return names
 
