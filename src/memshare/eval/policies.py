@@ -94,8 +94,7 @@ def expand_sweep(specs: list[PolicySpec], sweep: dict[str, list[str]]) -> list[P
     if not sweep:
         return specs
     defaults = ShareConfig()
-    expanded: list[PolicySpec] = []
-    seen: list[tuple[PolicySpec, PolicySpec | None]] = []
+    expanded: list[tuple[PolicySpec, PolicySpec | None]] = []  # (spec, the MemShare spec it is matched to)
     for level in range(len(next(iter(sweep.values())))):
         source: PolicySpec | None = None
         for spec in specs:
@@ -105,12 +104,12 @@ def expand_sweep(specs: list[PolicySpec], sweep: dict[str, list[str]]) -> list[P
                 swept = PolicySpec(replace(spec.share, **values), spec.match)
             except ValueError as error:
                 raise ValueError(f"--sweep level {level + 1} for {spec.label}: {error}") from error
-            if (swept, source if swept.match else None) not in seen:
-                seen.append((swept, source if swept.match else None))
-                expanded.append(swept)
+            entry = (swept, source if swept.match else None)
+            if entry not in expanded:
+                expanded.append(entry)
             if swept.share.policy == "memshare":
                 source = swept
-    return expanded
+    return [spec for spec, _ in expanded]
 
 
 R = TypeVar("R")
