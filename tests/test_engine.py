@@ -1,6 +1,7 @@
 """Greedy tokens must equal Hugging Face transformers' generate, however the engine batches and pages."""
 
 from memshare import LLM, SamplingParams
+from memshare.engine.llm_engine import History
 
 from .conftest import MODEL
 
@@ -73,3 +74,12 @@ def test_text_prompt_and_stats(llm):
                 "generation_tokens_per_s"):
         assert key in stats
     assert stats["kv_blocks_used"] == 0 and 0 < stats["kv_blocks_peak"] <= stats["num_kv_blocks"]
+
+
+def test_kv_history_is_bounded_and_evenly_strided():
+    history = History(max_points=8)
+    for step in range(1000):
+        history.append((step,))
+    steps = [p[0] for p in history.points]
+    assert len(steps) < 8 and steps[0] == 0 and steps[-1] > 1000 - 2 * history.stride
+    assert len({b - a for a, b in zip(steps, steps[1:])}) == 1

@@ -58,14 +58,19 @@ def test_calibrate_separates_repeats_from_unrelated_blocks(tmp_path, capsys, sta
     assert 0 < result["block_threshold"] <= 1 and result["false_share_rate"] <= 0.01
 
 
-def test_demo_writes_table_json_and_plot(tmp_path, capsys):
-    main(["demo", "--model", MODEL, "--num-problems", "2", "--max-tokens", "24", "--out", str(tmp_path)])
+def test_demo_forces_the_same_tokens_dense_and_memshare_under_a_tight_budget(tmp_path, capsys):
+    main(["demo", "--model", MODEL, "--num-traces", "3", "--max-tokens", "48", "--num-kv-blocks", "16",
+          "--step-thresholds", "0.5", "--block-thresholds", "0.5", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert "| dense |" in printed and "| memshare 0.9/0.8 |" in printed
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["label"] for r in results] == ["dense", "memshare 0.9/0.8"]
-    assert all(r["generation_tokens"] == 48 and r["kv_history"] for r in results)
-    assert (tmp_path / "kv_blocks.png").stat().st_size > 10_000
+    assert "| none |" in printed and "| memshare |" in printed and "a sampled answer" in printed
+    summaries = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/*.summary.json"))]
+    assert sorted(s["policy"] for s in summaries) == ["memshare", "none"]
+    assert all(s["tokens_match"] and s["output_tokens"] == 3 * 48 for s in summaries)
+    dense = next(s for s in summaries if s["policy"] == "none")
+    assert dense["num_preemptions"] > 0
+    assert next(s for s in summaries if s["policy"] == "memshare")["kl"] is not None
+    assert all(p.stat().st_size > 10_000 for p in tmp_path.glob("*_batch_kv.png"))
+    assert (tmp_path / "report.md").exists()
 
 
 def test_generate_cli_with_sharing(capsys):

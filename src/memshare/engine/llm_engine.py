@@ -29,6 +29,25 @@ class Request:
 
 
 @dataclass(slots=True)
+class History:
+    """Evenly strided samples of a whole run in bounded memory: when full, every other one goes and the stride
+    doubles, so a server that runs for days keeps `max_points` samples, not one per step."""
+
+    max_points: int = 1024
+    stride: int = 1
+    num_seen: int = 0
+    points: list[tuple] = field(default_factory=list)
+
+    def append(self, point: tuple) -> None:
+        if self.num_seen % self.stride == 0:
+            self.points.append(point)
+            if len(self.points) >= self.max_points:
+                del self.points[1::2]
+                self.stride *= 2
+        self.num_seen += 1
+
+
+@dataclass(slots=True)
 class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
@@ -43,8 +62,8 @@ class EngineStats:
     sum_logical_blocks: int = 0
     peak_running: int = 0
     sum_running: int = 0
-    # (engine time, physical, logical, running sequences), once per scheduled step
-    kv_history: list[tuple[float, int, int, int]] = field(default_factory=list)
+    # (engine time, physical, logical, running sequences), sampled from every scheduled step
+    kv_history: History = field(default_factory=History)
 
 
 class LLMEngine:
@@ -255,6 +274,11 @@ class LLMEngine:
                               "kv_blocks_affected": sum(s.num_affected_blocks for s in request.seqs),
                               "num_preemptions": sum(s.num_preemptions for s in request.seqs)})
 
+    def kv_history(self) -> list[tuple[float, int, int, int]]:
+        """(engine seconds, physical KV blocks, blocks without sharing, running sequences), at most
+        `History.max_points` samples evenly strided over every scheduled step so far."""
+        return list(self.stats.kv_history.points)
+
     def get_stats(self) -> dict[str, float | int]:
         bm = self.block_manager
         elapsed = self.stats.engine_time_s
@@ -264,6 +288,7 @@ class LLMEngine:
             "kv_cache_bytes": bm.num_blocks * self.model_runner.block_bytes,
             "kv_blocks_used": bm.num_used_blocks,
             "kv_blocks_peak": self.stats.peak_used_blocks,
+            "kv_blocks_mean": self.stats.sum_used_blocks / self.stats.num_steps if self.stats.num_steps else 0.0,
             "kv_usage": bm.num_used_blocks / bm.num_blocks,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),

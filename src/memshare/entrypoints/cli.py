@@ -15,13 +15,17 @@ from memshare.sampling_params import SamplingParams
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     defaults = EngineConfig()
     parser.add_argument("--model", default=defaults.model, help="registered name, HF directory or .gguf file")
-    parser.add_argument("--kv-cache-memory", default=defaults.kv_cache_memory, help="KV budget, e.g. 512MiB")
-    parser.add_argument("--num-kv-blocks", type=int, default=None, help="explicit block count (overrides memory)")
+    # Second spellings are vLLM's, for the same meaning.
+    parser.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", default=defaults.kv_cache_memory,
+                        help="KV budget, e.g. 512MiB, or bytes")
+    parser.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=int, default=None,
+                        help="explicit block count (overrides memory)")
     parser.add_argument("--block-size", type=int, default=defaults.block_size)
     parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=defaults.enable_prefix_caching)
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--dtype", default=defaults.dtype)
     parser.add_argument("--num-threads", type=int, default=None)
@@ -106,21 +110,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from memshare.eval.compare import markdown_table, run_config, save
-    from memshare.eval.datasets import load_problems
+    from memshare.eval.demo import DemoConfig, run_demo, sample_answer
 
-    problems = load_problems("gsm8k", args.num_problems)
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    engine = engine_kwargs(args) | {"log_stats_interval": 0}
-    memshare = ShareConfig(policy="memshare", step_threshold=args.step_threshold,
-                           block_threshold=args.block_threshold)
-    results = []
-    for label, share in (("dense", ShareConfig()), (f"memshare {args.step_threshold}/{args.block_threshold}",
-                                                     memshare)):
-        print(f"== {label}: {len(problems)} GSM8K problems, {args.model}, KV {args.kv_cache_memory}", flush=True)
-        results.append(run_config(label, args.model, share, problems, params, seed=None, **engine))
-    json_path, png_path = save(results, args.out, f"{args.model}, {len(problems)} GSM8K problems, greedy")
-    print(f"\n{markdown_table(results)}\n\nwrote {json_path} and {png_path}")
+    config = DemoConfig(model=args.model, out=args.out, num_traces=args.num_traces, max_tokens=args.max_tokens,
+                        num_kv_blocks=args.num_kv_blocks, step_thresholds=tuple(args.step_thresholds),
+                        block_thresholds=tuple(args.block_thresholds))
+    print(f"== {config.num_traces} MATH-500 re-verification traces forced through {config.model}: dense, then "
+          f"MemShare at step/block thresholds {list(zip(config.step_thresholds, config.block_thresholds))}, "
+          f"all at once into {config.num_kv_blocks} KV blocks", flush=True)
+    report = run_demo(config)
+    print(f"\n{report}\nwrote {config.out / 'report.md'} and its plots", flush=True)
+    question = "A train travels 120 km in 1.5 hours. What is its average speed in km/h?"
+    print(f"\n== a sampled answer with MemShare on\n>>> {question}\n{sample_answer(config, question)}")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -247,6 +248,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(EngineConfig(model=args.model, **engine_kwargs(args)), config)
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memshare", description="Paged-KV inference with MemShare block sharing")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -259,13 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    demo = sub.add_parser("demo", help="dense vs. MemShare on GSM8K problems: table, JSON and a KV-usage plot")
-    add_engine_args(demo)
-    demo.set_defaults(kv_cache_memory="128MiB")
-    demo.add_argument("--num-problems", type=int, default=16)
-    demo.add_argument("--max-tokens", type=int, default=512)
-    demo.add_argument("--step-threshold", type=float, default=ShareConfig().step_threshold)
-    demo.add_argument("--block-threshold", type=float, default=ShareConfig().block_threshold)
+    demo = sub.add_parser("demo", help="dense vs. MemShare on forced re-verification traces under a KV budget where "
+                          "dense preempts: tok/s on identical tokens, batch, preemptions, memory saved, KL; then a "
+                          "sampled answer")
+    demo.add_argument("--model", default=EngineConfig().model, help="registered name, HF directory or .gguf file")
+    demo.add_argument("--num-traces", type=int, default=12)
+    demo.add_argument("--max-tokens", type=int, default=256, help="forced tokens per trace")
+    demo.add_argument("--num-kv-blocks", type=int, default=128, help="the KV budget, in blocks of 16 tokens")
+    demo.add_argument("--step-thresholds", type=_floats, default=[0.7, 0.5], help="MemShare levels, e.g. 0.7,0.5")
+    demo.add_argument("--block-thresholds", type=_floats, default=[0.62, 0.5], help="as many as --step-thresholds")
     demo.add_argument("--out", type=Path, default=Path("results/demo"))
     demo.set_defaults(func=cmd_demo)
 

@@ -49,6 +49,11 @@ class LLM:
         """
         return self.llm_engine.get_stats()
 
+    def kv_history(self) -> list[tuple[float, int, int, int]]:
+        """(engine seconds, physical KV blocks, blocks without sharing, running sequences) over the run, at most
+        ~1,000 evenly strided samples."""
+        return self.llm_engine.kv_history()
+
     def generate(self, prompts: Prompt | list[Prompt],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from memshare.config import ShareConfig
 from memshare.entrypoints.llm import LLM
-from memshare.eval.compare import plot_kv_blocks, sampled_history
+from memshare.eval.compare import plot_kv_blocks
 from memshare.eval.datasets import Problem, chat_prompt
 from memshare.eval.policies import PolicySpec, run_matched
 from memshare.outputs import RequestOutput
@@ -64,13 +64,12 @@ def run_policy(label: str, model: str, share: ShareConfig, problems: list[Proble
     outputs = llm.generate(prompts, params_list, use_tqdm=use_tqdm)
     wall = time.perf_counter() - start
     stats = llm.stats()
-    history = llm.llm_engine.stats.kv_history
     num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return BenchResult(label, asdict(share), len(problems), num_tokens, wall, num_tokens / wall,
-                       stats["kv_blocks_peak"], float(np.mean([h[1] for h in history])),
+                       stats["kv_blocks_peak"], stats["kv_blocks_mean"],
                        stats["memory_saved_mean"], stats["memory_saved_peak"], stats["num_preemptions"],
                        stats["affected_ratio"], percentiles([o.metrics["time_to_first_token_s"] for o in outputs]),
-                       percentiles([tpot(o) for o in outputs]), stats, sampled_history(history))
+                       percentiles([tpot(o) for o in outputs]), stats, llm.kv_history())
 
 
 def run_bench(model: str, specs: list[PolicySpec], problems: list[Problem], params: SamplingParams, seed: int = 0,

@@ -12,8 +12,6 @@ from memshare.eval.datasets import Problem, chat_prompt
 from memshare.eval.grading import is_correct
 from memshare.sampling_params import SamplingParams
 
-MAX_HISTORY_POINTS = 1000
-
 
 @dataclass(slots=True)
 class RunResult:
@@ -28,11 +26,6 @@ class RunResult:
     stats: dict[str, Any]
     kv_history: list[tuple[float, int, int, int]] = field(default_factory=list)  # (engine s, physical, logical, batch)
     outputs: list[dict[str, Any]] = field(default_factory=list)
-
-
-def sampled_history(history: list[tuple]) -> list[tuple]:
-    """At most about MAX_HISTORY_POINTS evenly strided points of an engine's KV history, for JSON and plots."""
-    return history[:: max(1, len(history) // MAX_HISTORY_POINTS)]
 
 
 def run_config(label: str, model: str, share: ShareConfig, problems: list[Problem], params: SamplingParams,
@@ -51,7 +44,7 @@ def run_config(label: str, model: str, share: ShareConfig, problems: list[Proble
     num_correct = sum(g["correct"] for g in graded)
     return RunResult(label, asdict(share), len(problems), num_correct, num_correct / len(problems),
                      stats["generation_tokens"], wall, stats["generation_tokens"] / wall, stats,
-                     sampled_history(llm.llm_engine.stats.kv_history), graded)
+                     llm.kv_history(), graded)
 
 
 def markdown_table(results: list[RunResult]) -> str:

@@ -158,6 +158,9 @@ def run_pair(label: str, model: str, share: ShareConfig, traces: list[Trace],
     dense, policy = (_engine(model, s, by_id, engine_kwargs) for s in (ShareConfig(), share))
     results = {rid: TraceFidelity(t.trace_id) for rid, t in by_id.items()}
     seq_requests = {r.seqs[0].seq_id: rid for rid, r in policy.requests.items()}
+    if isinstance(policy.policy, MemSharePolicy):
+        policy.policy.on_share = lambda seq, entry, source, similarity: (
+            results[seq_requests[seq.seq_id]].share_similarities.append(similarity))
     while dense.has_unfinished_requests() or policy.has_unfinished_requests():
         dense.step()
         policy.step()
@@ -167,9 +170,6 @@ def run_pair(label: str, model: str, share: ShareConfig, traces: list[Trace],
         raise RuntimeError(f"{label}: preempted in a fidelity run; raise --num-kv-blocks")
     for request_id, position in policy.model_runner.sampler.affected.items():
         results[request_id].first_affected = position
-    if isinstance(policy.policy, MemSharePolicy):
-        for seq_id, _, _, similarity in policy.policy.share_log:
-            results[seq_requests[seq_id]].share_similarities.append(similarity)
     return PolicyFidelity(label, asdict(share), list(results.values()), stats)
 
 

@@ -28,7 +28,6 @@ from tqdm import tqdm
 from memshare.config import EngineConfig, ShareConfig
 from memshare.entrypoints.llm import LLM
 from memshare.errors import MemShareError
-from memshare.eval.compare import sampled_history
 from memshare.eval.fidelity import Trace, model_tokenizer
 from memshare.eval.harness import (
     RESULT_ENGINE_KEYS,
@@ -236,7 +235,7 @@ def _session(llm: LLM, wall_s: float, done: int, engine: dict[str, Any]) -> dict
     return session_stats(llm, wall_s, done, engine) | {
         "num_recomputed_tokens": stats["num_recomputed_tokens"], "num_steps": stats["num_steps"],
         "num_running_peak": stats["num_running_peak"], "num_running_mean": stats["num_running_mean"],
-        "kv_history": sampled_history(llm.llm_engine.stats.kv_history)}
+        "kv_history": llm.kv_history()}
 
 
 def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]],

@@ -10,6 +10,7 @@ Per running sequence, after every engine step:
    replaced; after a preemption the recomputed blocks are compared again.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -56,8 +57,9 @@ class MemSharePolicy(SharingPolicy):
         self.blocks_shared = 0
         self.stage1_candidates = 0
         self.stage2_pairs = 0
-        # (seq_id, entry, source entry, stage-2 similarity) of every share, for fidelity analysis.
-        self.share_log: list[tuple[int, int, int, float]] = []
+        # Called with (seq, entry, source entry, stage-2 similarity) on every share when an analysis asks for it;
+        # a log kept by default would grow for as long as a server runs.
+        self.on_share: Callable[[Sequence, int, int, float], None] | None = None
 
     def after_step(self, running: list[Sequence]) -> None:
         for seq in running:
@@ -152,4 +154,5 @@ class MemSharePolicy(SharingPolicy):
             if score >= self.config.block_threshold:
                 self.block_manager.share(seq, entry, columns[column])
                 self.blocks_shared += 1
-                self.share_log.append((seq.seq_id, entry, columns[column], score))
+                if self.on_share is not None:
+                    self.on_share(seq, entry, columns[column], score)

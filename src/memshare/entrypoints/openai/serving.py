@@ -9,6 +9,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from itertools import accumulate
 
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
 from memshare.config import ServerConfig
 from memshare.entrypoints.openai.async_engine import AsyncLLM
 from memshare.entrypoints.openai.metrics import ServerMetrics
@@ -34,21 +37,29 @@ class _Job:
 
 
 class _TextDelta:
-    """A sample's text as it streams: holds back what a stop string or a partial UTF-8 character may change."""
+    """A sample's text as it streams, decoded token by token (linear in the output, however long the chain of
+    thought): holds back what a stop string may still cut; the final chunk comes from the engine's text."""
 
-    __slots__ = ("holdback", "sent", "num_tokens", "done")
+    __slots__ = ("decoder", "tokenizer", "holdback", "pending", "num_sent_chars", "num_tokens", "done")
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, tokenizer: Tokenizer) -> None:
+        # DecodeStream returns None until a multi-byte character is complete, so no U+FFFD is ever sent.
+        self.decoder, self.tokenizer = DecodeStream(skip_special_tokens=True), tokenizer
         self.holdback = max((len(s) for s in params.stop_strings), default=1) - 1
-        self.sent, self.num_tokens, self.done = "", 0, False
+        self.pending, self.num_sent_chars, self.num_tokens, self.done = "", 0, 0, False
 
-    def advance(self, text: str, num_tokens: int, finished: bool) -> tuple[str, int]:
-        if not finished:
-            text = text[:len(text) - self.holdback].rstrip("\ufffd")
-            if not text.startswith(self.sent):
-                text = self.sent
-        delta, first = text[len(self.sent):], self.num_tokens
-        self.sent, self.num_tokens, self.done = self.sent + delta, num_tokens, finished
+    def advance(self, sample: CompletionOutput) -> tuple[str, int]:
+        """The text to send for this snapshot, and the index of its first token."""
+        first, finished = self.num_tokens, sample.finish_reason is not None
+        if finished:
+            delta = sample.text[self.num_sent_chars:]
+        else:
+            for token in sample.token_ids[first:]:
+                self.pending += self.decoder.step(self.tokenizer, token) or ""
+            cut = max(len(self.pending) - self.holdback, 0)
+            delta, self.pending = self.pending[:cut], self.pending[cut:]
+        self.num_sent_chars += len(delta)
+        self.num_tokens, self.done = len(sample.token_ids), finished
         return delta, first
 
 
@@ -192,14 +203,12 @@ class OpenAIServing:
         choice_index = index * job.n + sample.index
         first_chat_chunk = choice_index not in deltas and job.kind == "chat.completion"
         if choice_index not in deltas:
-            deltas[choice_index] = _TextDelta(job.params[index])
+            deltas[choice_index] = _TextDelta(job.params[index], self.tokenizer.backend_tokenizer)
         delta = deltas[choice_index]
         if delta.done:
             return None
-        finished = sample.finish_reason is not None
-        text = sample.text if finished else self.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
-        new_text, first_token = delta.advance(text, len(sample.token_ids), finished)
-        if not new_text and not finished and not first_chat_chunk:
+        new_text, first_token = delta.advance(sample)
+        if not new_text and not delta.done and not first_chat_chunk:
             return None
         logprobs = self._logprobs(job, sample, first_token, len(sample.token_ids))
         if job.kind == "chat.completion":

@@ -1,0 +1,20 @@
+"""The command line takes vLLM's spellings where the meaning is the same."""
+
+from memshare.entrypoints.cli import build_parser, engine_kwargs
+
+
+def test_serve_accepts_vllm_spellings():
+    args = build_parser().parse_args([
+        "serve", "--num-gpu-blocks-override", "40", "--no-enable-prefix-caching", "--max-num-seqs", "8",
+        "--max-model-len", "512", "--served-model-name", "qwq", "--api-key", "k", "--kv-cache-memory-bytes", "1000"])
+    engine = engine_kwargs(args)
+    assert (engine["num_kv_blocks"], engine["enable_prefix_caching"], engine["max_num_seqs"]) == (40, False, 8)
+    assert (engine["max_model_len"], engine["kv_cache_memory"]) == (512, "1000")
+    assert (args.served_model_name, args.api_key) == ("qwq", "k")
+
+
+def test_prefix_caching_defaults_on_and_has_both_switches():
+    parse = build_parser().parse_args
+    assert engine_kwargs(parse(["generate", "x"]))["enable_prefix_caching"] is True
+    assert engine_kwargs(parse(["generate", "x", "--enable-prefix-caching"]))["enable_prefix_caching"] is True
+    assert engine_kwargs(parse(["generate", "x", "--num-kv-blocks", "9"]))["num_kv_blocks"] == 9
