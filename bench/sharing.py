@@ -10,7 +10,7 @@ Writes docs/bench/sharing/<model>/results.json and kv_blocks.png and prints the 
 import argparse
 from pathlib import Path
 
-from memshare import SamplingParams, ShareConfig
+from memshare import SamplingParams, ShareConfig, share_config
 from memshare.eval.compare import markdown_table, run_config, save
 from memshare.eval.datasets import load_problems
 
@@ -32,7 +32,7 @@ def main() -> None:
     params = SamplingParams(temperature=0.6, top_p=0.95, max_tokens=args.max_tokens)
     engine = {"kv_cache_memory": args.kv_cache_memory, "num_threads": args.num_threads, "log_stats_interval": 30}
     configs = [("dense", ShareConfig())] + [
-        (f"memshare {s}/{b}", ShareConfig(policy="memshare", step_threshold=s, block_threshold=b))
+        (f"memshare {s}/{b}", share_config("memshare", step_threshold=s, block_threshold=b))
         for s, b in (map(float, pair.split("/")) for pair in args.thresholds.split(","))]
     results = []
     for label, share in configs:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memshare import LLM, ShareConfig
+from memshare import LLM, MemShareConfig, share_config
 from memshare.sharing.stage1 import VectorStepIndex, make_encoder, sentence_embedding
 from memshare.sharing.stage2 import block_similarity
 
@@ -12,7 +12,7 @@ from .test_sharing import PASSAGE, REPEAT
 
 
 def test_vector_index_scores_every_earlier_step_by_cosine():
-    index = VectorStepIndex(ShareConfig(step_threshold=0.9))
+    index = VectorStepIndex(MemShareConfig(step_threshold=0.9))
     for vector in ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.1, 0.0], [-1.0, 0.0, 0.0]):
         index.add(torch.tensor(vector))
     hits = index.candidates(torch.tensor([2.0, 0.0, 0.0]))
@@ -22,7 +22,7 @@ def test_vector_index_scores_every_earlier_step_by_cosine():
 
 def test_embedding_encoder_is_the_mean_input_embedding():
     table = torch.arange(12.0).view(4, 3)
-    encode, index = make_encoder(ShareConfig(stage1="embedding"), lambda ids: "", lambda ids: table[ids])
+    encode, index = make_encoder(MemShareConfig(stage1="embedding"), lambda ids: "", lambda ids: table[ids])
     assert index is VectorStepIndex
     torch.testing.assert_close(encode([1, 3]), (table[1] + table[3]) / 2)
 
@@ -56,7 +56,7 @@ def test_cosine_metric_matches_float64_and_ignores_scale():
 @pytest.mark.parametrize("stage1, stage2", [("embedding", "euclidean"), ("minilm", "euclidean"), ("bow", "cosine")])
 def test_ablation_variants_share_a_repeated_passage(stage1, stage2):
     llm = LLM(model=MODEL, num_kv_blocks=96, log_stats_interval=0,
-              share=ShareConfig(policy="memshare", stage1=stage1, stage2=stage2))
+              share=share_config("memshare", stage1=stage1, stage2=stage2))
     llm.generate(PASSAGE * 2, REPEAT, use_tqdm=False)
     stats = llm.stats()
     assert stats["stage1_candidates"] > 0 and stats["blocks_shared"] > 0

@@ -1,12 +1,11 @@
 """The bench and fidelity commands: serving metrics under a KV budget, and teacher-forced KL against dense."""
 
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
 
-from memshare.config import ShareConfig
+from memshare.config import share_config
 from memshare.entrypoints.cli import main
 from memshare.eval.datasets import Problem
 from memshare.eval.fidelity import REVERIFY, load_traces, make_trace, method, run_fidelity
@@ -50,10 +49,10 @@ def test_matched_policy_needs_a_memshare_run_before_it():
 
 
 def test_method_names_the_stage_choices_a_sweep_keeps_fixed():
-    memshare = asdict(ShareConfig(policy="memshare", block_threshold=0.5))
+    memshare = share_config("memshare", block_threshold=0.5).to_dict()
     assert method(memshare) == "memshare"
     assert method(memshare | {"stage1": "minilm", "stage2": "cosine"}) == "memshare(stage1=minilm, stage2=cosine)"
-    assert method(asdict(ShareConfig(policy="h2o", kv_budget=8))) == "h2o"
+    assert method(share_config("h2o", kv_budget=8).to_dict()) == "h2o"
 
 
 def test_fidelity_of_dense_against_dense_is_exact(tmp_path, capsys, tokenizer):

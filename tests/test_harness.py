@@ -7,12 +7,11 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from memshare.config import ShareConfig
+from memshare.config import ShareConfig, share_config
 from memshare.entrypoints.cli import main
 from memshare.eval import harness
 from memshare.eval.harness import ConfigMismatchError, EvalConfig, plan_runs, run_eval
@@ -153,8 +152,8 @@ def test_run_names_are_distinct_and_matched_to_the_memshare_run_before():
     assert [r.name for r in runs] == [
         "none", "memshare(step_threshold=0.9, block_threshold=0.6)",
         "random(share_ratio=memshare) vs memshare(step_threshold=0.9, block_threshold=0.6)",
-        "memshare(step_threshold=0.9, block_threshold=0.8)[min_step_tokens=8]",
-        "h2o(kv_budget=memshare) vs memshare(step_threshold=0.9, block_threshold=0.8)[min_step_tokens=8]"]
+        "memshare(step_threshold=0.9, block_threshold=0.8, min_step_tokens=8)",
+        "h2o(kv_budget=memshare) vs memshare(step_threshold=0.9, block_threshold=0.8, min_step_tokens=8)"]
     assert runs[1].path == Path("out/memshare_step_threshold=0.9_block_threshold=0.6.jsonl")
     assert runs[2].memshare is runs[1] and runs[4].memshare is runs[3] and runs[0].memshare is None
     with pytest.raises(ValueError, match="no memshare policy is listed before"):
@@ -202,7 +201,7 @@ def write_run(directory: Path, dataset: str, name: str, share: ShareConfig, reco
               memory_saved: float, matched_to: str | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     stem = directory / name
-    config = {"run": name, "model": MODEL, "dataset": {"name": dataset, "num_problems": 4}, "share": asdict(share)}
+    config = {"run": name, "model": MODEL, "dataset": {"name": dataset, "num_problems": 4}, "share": share.to_dict()}
     if matched_to:
         config["matched"] = {"memshare_run": matched_to, "memshare_affected_ratio": 0.25}
     Path(f"{stem}.config.json").write_text(json.dumps(config))
@@ -220,11 +219,11 @@ def test_paired_delta_counts_only_problems_both_ran():
 
 def test_plots_keep_ablations_and_variants_in_their_own_series(tmp_path):
     full = [record(str(i), [i < 3]) for i in range(4)]
-    for name, share in {"ms8": ShareConfig(policy="memshare"),
-                        "ms6": ShareConfig(policy="memshare", block_threshold=0.6),
-                        "emb6": ShareConfig(policy="memshare", block_threshold=0.6, stage1="embedding"),
-                        "rkv": ShareConfig(policy="rkv", kv_budget=0.5),
-                        "rkv16": ShareConfig(policy="rkv", kv_budget=0.5, compress_interval=16)}.items():
+    for name, share in {"ms8": share_config("memshare"),
+                        "ms6": share_config("memshare", block_threshold=0.6),
+                        "emb6": share_config("memshare", block_threshold=0.6, stage1="embedding"),
+                        "rkv": share_config("rkv", kv_budget=0.5),
+                        "rkv16": share_config("rkv", kv_budget=0.5, compress_interval=16)}.items():
         write_run(tmp_path, "gsm8k", name, share, full, 0.1)
     runs = {r["name"]: r for r in load_runs(tmp_path)}
     legend = plot_accuracy_vs_memory("gsm8k", list(runs.values()), tmp_path / "pareto.png")
@@ -238,11 +237,11 @@ def test_plots_keep_ablations_and_variants_in_their_own_series(tmp_path):
 def test_report_tables_and_plots_from_a_results_dir(tmp_path, capsys):
     full = [record(str(i), [i < 3]) for i in range(4)]
     write_run(tmp_path / "gsm8k", "gsm8k", "none", ShareConfig(), full, 0.0)
-    write_run(tmp_path / "gsm8k", "gsm8k", "ms8", ShareConfig(policy="memshare"), full, 0.1)
-    write_run(tmp_path / "gsm8k", "gsm8k", "ms6", ShareConfig(policy="memshare", block_threshold=0.6), full[:2], 0.2)
-    write_run(tmp_path / "nested" / "aime", "aime", "h2o", ShareConfig(policy="h2o", kv_budget=0.5), full, 0.3)
+    write_run(tmp_path / "gsm8k", "gsm8k", "ms8", share_config("memshare"), full, 0.1)
+    write_run(tmp_path / "gsm8k", "gsm8k", "ms6", share_config("memshare", block_threshold=0.6), full[:2], 0.2)
+    write_run(tmp_path / "nested" / "aime", "aime", "h2o", share_config("h2o", kv_budget=0.5), full, 0.3)
     # Matched to ms8 (all 4 problems, 3 solved); solves only problem 0, so MemShare is 2 problems = 50 points ahead.
-    write_run(tmp_path / "gsm8k", "gsm8k", "random", ShareConfig(policy="random", share_ratio=0.25),
+    write_run(tmp_path / "gsm8k", "gsm8k", "random", share_config("random", share_ratio=0.25),
               [record(str(i), [i < 1]) for i in range(4)], 0.1, matched_to="ms8")
     text = build_report(tmp_path)
     assert (tmp_path / "report.md").read_text() == text

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from memshare import EngineConfig, SamplingParams, ShareConfig
+from memshare import EngineConfig, SamplingParams, share_config
 from memshare.engine.llm_engine import LLMEngine
 from memshare.eval.policies import matched, parse_policies
 
@@ -18,7 +18,7 @@ LONG = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
 
 def make_engine(**share) -> LLMEngine:
     return LLMEngine(EngineConfig(model=MODEL, kv_cache_memory="64MiB", log_stats_interval=0,
-                                  share=ShareConfig(**share)))
+                                  share=share_config(**share)))
 
 
 def check_ref_counts(engine: LLMEngine) -> None:
@@ -96,7 +96,7 @@ def test_evicted_tokens_are_masked_and_positions_kept(model_dir, prompts):
     """
     engine = make_engine(policy="streamingllm", kv_budget=1)
     engine.add_request("0", prompts[0], SamplingParams(temperature=0, max_tokens=64, ignore_eos=True))
-    seq = engine.requests["0"].seqs[0]
+    seq = engine.sequences("0")[0]
     total = seq.num_prompt_tokens + 64
     visible = torch.ones(total, total).tril().bool()
     while engine.has_unfinished_requests():
@@ -151,5 +151,6 @@ def test_policy_specs_parse_and_match():
                                           ("recent_fraction", -0.1), ("compress_interval", 0),
                                           ("stage2", "manhattan"), ("stage1", "tfidf")])
 def test_share_config_rejects_bad_baseline_parameters(field, value):
+    policy = {"share_ratio": "random", "recent_fraction": "h2o", "compress_interval": "rkv"}.get(field, "memshare")
     with pytest.raises(ValueError, match=field):
-        ShareConfig(**{field: value})
+        share_config("h2o" if field == "kv_budget" else policy, **{field: value})

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from memshare import EngineConfig, PromptTooLongError, SamplingParams, ShareConfig
+from memshare import EngineConfig, PromptTooLongError, SamplingParams, share_config
 from memshare.engine.llm_engine import LLMEngine
 from memshare.eval.harness import plan_runs
 from memshare.eval.policies import expand_sweep, parse_policies, parse_sweep
@@ -51,7 +51,7 @@ def test_forced_tokens_come_out_exactly_under_preemption_and_every_policy(policy
     # 22 blocks cannot hold four 150-token sequences (8-10 blocks each, eviction keeping 8): the youngest are
     # preempted and recomputed.
     engine = LLMEngine(EngineConfig(model=MODEL, num_kv_blocks=22, log_stats_interval=0, num_threads=1,
-                                    share=ShareConfig(policy=policy, **POLICIES[policy])))
+                                    share=share_config(policy, **POLICIES[policy])))
     for i, ids in enumerate(forced):
         # The same prompt twice: the second request hits the first one's prefix-cached prompt blocks.
         params = SamplingParams(temperature=0.8, seed=i, logprobs=0, max_tokens=None, forced_token_ids=ids,
@@ -159,10 +159,11 @@ def test_trace_fields_and_messages(tmp_path):
 def test_sweep_expands_level_by_level_and_runs_dense_once():
     specs = parse_policies("none,memshare,random:share_ratio=memshare,streamingllm")
     sweep = parse_sweep(["block_threshold=0.6,0.5", "kv_budget=4,8"])
-    got = [(s.share.policy, s.share.block_threshold, s.share.kv_budget, s.match) for s in expand_sweep(specs, sweep)]
-    assert got == [("none", 0.8, 32, ()), ("memshare", 0.6, 32, ()), ("random", 0.8, 32, ("share_ratio",)),
-                   ("streamingllm", 0.8, 4, ()), ("memshare", 0.5, 32, ()), ("random", 0.8, 32, ("share_ratio",)),
-                   ("streamingllm", 0.8, 8, ())]
+    got = [(s.share.policy, getattr(s.share, "block_threshold", None), getattr(s.share, "kv_budget", None), s.match)
+           for s in expand_sweep(specs, sweep)]
+    assert got == [("none", None, None, ()), ("memshare", 0.6, None, ()), ("random", None, None, ("share_ratio",)),
+                   ("streamingllm", None, 4, ()), ("memshare", 0.5, None, ()), ("random", None, None, ("share_ratio",)),
+                   ("streamingllm", None, 8, ())]
     # A matched spec runs again only when its MemShare run changed.
     unchanged = expand_sweep(parse_policies("memshare,random:share_ratio=memshare,streamingllm"),
                              parse_sweep(["kv_budget=4,8"]))

@@ -91,7 +91,7 @@ def test_parallel_samples_share_prompt_blocks(llm):
     engine = llm.llm_engine
     long_prompt = "Tell me everything about the history of mathematics, from Babylon to today. " * 3
     engine.add_request("fork", long_prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8))
-    seqs = engine.requests["fork"].seqs
+    seqs = engine.sequences("fork")
     engine.step()
     assert all(s.status is SequenceStatus.RUNNING for s in seqs)
     full = (seqs[0].num_prompt_tokens - 1) // engine.block_manager.block_size

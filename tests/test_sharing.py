@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from memshare import LLM, EngineConfig, SamplingParams, ShareConfig
+from memshare import LLM, EngineConfig, MemShareConfig, SamplingParams, share_config
 from memshare.sharing.stage1 import LSHStepIndex, StepIndex, cosine
 from memshare.sharing.stage2 import block_similarity
 from memshare.sharing.steps import SplitState, StepSplitter
@@ -47,7 +47,7 @@ def test_stage2_matches_float64_reference():
 
 
 def test_stage1_cosine_candidates_best_first_and_capped():
-    index = StepIndex(ShareConfig(step_threshold=0.9, max_candidate_steps=2))
+    index = StepIndex(MemShareConfig(step_threshold=0.9, max_candidate_steps=2))
     base = Counter({1: 3, 2: 2, 3: 1})
     assert cosine(base, base) == pytest.approx(1.0)
     assert cosine(base, Counter({7: 1})) == 0.0
@@ -61,7 +61,7 @@ def test_stage1_cosine_candidates_best_first_and_capped():
 
 
 def test_lsh_stage1_finds_near_duplicates_without_scoring_every_step():
-    config = ShareConfig(stage1="lsh", step_threshold=0.9)
+    config = MemShareConfig(stage1="lsh", step_threshold=0.9)
     index, exact = LSHStepIndex(config), StepIndex(config)
     gen = torch.Generator().manual_seed(1)
     for _ in range(200):
@@ -81,30 +81,31 @@ def test_step_splitter_blank_lines_cues_and_min_length(tokenizer):
             "Then we multiply by three to find the answer to the question.\n"
             "Wait, let me check the multiplication again carefully.\nOk.\n\nDone")
     ids = tokenizer.encode(text)
-    splitter = StepSplitter(ShareConfig(min_step_tokens=4), lambda t: tokenizer.decode([t]))
+    splitter = StepSplitter(MemShareConfig(min_step_tokens=4), lambda t: tokenizer.decode([t]))
     state = SplitState(0)
     ends = [e for p, t in enumerate(ids) if (e := splitter.push(state, p, t)) is not None]
     steps = [tokenizer.decode(ids[a:b]) for a, b in zip([0, *ends], ends)]
     assert steps[0].endswith("total amount.\n\n")
     assert steps[1].startswith("Then") and steps[1].endswith("question.\n")
     assert steps[2].startswith("Wait") and steps[2].endswith("Ok.\n\n")  # "Ok." alone is too short a step
-    long_only = StepSplitter(ShareConfig(min_step_tokens=100), lambda t: tokenizer.decode([t]))
+    long_only = StepSplitter(MemShareConfig(min_step_tokens=100), lambda t: tokenizer.decode([t]))
     state = SplitState(0)
     assert all(long_only.push(state, p, t) is None for p, t in enumerate(ids))
 
 
 def test_share_config_rejects_bad_values():
-    for kwargs in ({"policy": "copy"}, {"stage1": "bert"}, {"step_threshold": -0.1}, {"block_threshold": float("nan")},
-                   {"min_step_tokens": 0}, {"max_candidate_steps": 0}):
+    for kwargs in ({"policy": "copy"}, {"policy": "memshare", "kv_budget": 3}, {"stage1": "bert"},
+                   {"step_threshold": -0.1}, {"block_threshold": float("nan")}, {"min_step_tokens": 0},
+                   {"max_candidate_steps": 0}):
         with pytest.raises(ValueError):
-            ShareConfig(**kwargs)
+            share_config(**{"policy": "memshare"} | kwargs)
     with pytest.raises(TypeError, match="ShareConfig"):
         EngineConfig(share="memshare")
 
 
 @pytest.fixture(scope="module")
 def sharing_llm() -> LLM:
-    return LLM(model=MODEL, num_kv_blocks=96, log_stats_interval=0, share=ShareConfig(policy="memshare"))
+    return LLM(model=MODEL, num_kv_blocks=96, log_stats_interval=0, share=share_config("memshare"))
 
 
 def test_unrotated_keys_of_a_repeat_match_at_layer_zero(sharing_llm, tokenizer):
@@ -112,7 +113,7 @@ def test_unrotated_keys_of_a_repeat_match_at_layer_zero(sharing_llm, tokenizer):
     passage = tokenizer.encode(PASSAGE)[:32]
     engine.add_request("rope", passage * 2, SamplingParams(max_tokens=4))
     engine.step()
-    seq = engine.requests["rope"].seqs[0]
+    seq = engine.sequences("rope")[0]
     keys, values = engine.block_manager.read_kv(seq.block_table[:4])
     positions = torch.arange(64)
     unrotated = engine.model_runner.unrotate_keys(keys.flatten(1, 2), positions).view_as(keys)
@@ -160,7 +161,7 @@ def test_sharing_is_zero_copy_and_points_earlier(sharing_llm, monkeypatch):
 
 def test_thresholds_above_one_never_share_and_keep_dense_tokens(prompts, hf_greedy):
     llm = LLM(model=MODEL, num_kv_blocks=96, log_stats_interval=0,
-              share=ShareConfig(policy="memshare", step_threshold=0.0, block_threshold=1.01))
+              share=share_config("memshare", step_threshold=0.0, block_threshold=1.01))
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     assert token_ids(outputs) == hf_greedy
     repeat = llm.generate(PASSAGE * 2, REPEAT, use_tqdm=False)[0]
@@ -177,7 +178,7 @@ def check_ref_counts(engine) -> None:
 
 def test_sharing_composes_with_preemption_n_and_abort(tokenizer):
     llm = LLM(model=MODEL, num_kv_blocks=36, max_model_len=320, log_stats_interval=0,
-              share=ShareConfig(policy="memshare", step_threshold=0.5, block_threshold=0.6, min_step_tokens=8))
+              share=share_config("memshare", step_threshold=0.5, block_threshold=0.6, min_step_tokens=8))
     engine = llm.llm_engine
     real_after_step = engine.policy.after_step
     shared_after_preemption = []

@@ -1,7 +1,7 @@
 """MemShare: a paged-KV inference engine whose KV blocks can be shared by reference count."""
 
-from memshare.config import EngineConfig, ShareConfig
-from memshare.entrypoints.llm import LLM
+from memshare.config import EngineConfig, ShareConfig, register_policy, share_config
+from memshare.engine.llm import LLM
 from memshare.errors import (
     ChecksumError,
     KVCacheTooSmallError,
@@ -11,8 +11,11 @@ from memshare.errors import (
 )
 from memshare.outputs import CompletionOutput, Logprob, RequestOutput
 from memshare.sampling_params import SamplingParams
+from memshare.sharing import H2OConfig, MemShareConfig, RandomShareConfig, RKVConfig, StreamingLLMConfig
 
 __all__ = [
     "LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig", "ShareConfig",
+    "MemShareConfig", "RandomShareConfig", "StreamingLLMConfig", "H2OConfig", "RKVConfig", "share_config",
+    "register_policy",
     "MemShareError", "UnknownModelError", "ChecksumError", "PromptTooLongError", "KVCacheTooSmallError",
 ]

@@ -10,12 +10,12 @@ import torch
 from memshare.config import EngineConfig
 from memshare.engine.block_manager import BlockManager
 from memshare.engine.model_runner import ModelRunner
+from memshare.engine.policy import ModelAccess, make_policy
 from memshare.engine.scheduler import Scheduler
 from memshare.engine.sequence import Sequence, SequenceStatus
 from memshare.errors import KVCacheTooSmallError, PromptTooLongError
 from memshare.outputs import CompletionOutput, RequestOutput
 from memshare.sampling_params import SamplingParams
-from memshare.sharing import ModelAccess, make_policy
 
 logger = logging.getLogger("memshare")
 
@@ -81,7 +81,7 @@ class LLMEngine:
         self.model_runner.capture_queries = self.policy.needs_queries
         self.scheduler = Scheduler(config, self.block_manager)
         self.max_model_len = self._max_model_len()
-        self.requests: dict[str, Request] = {}
+        self._requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._seq_ids = itertools.count()
         self._last_log = time.perf_counter()
@@ -132,7 +132,7 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     prompt_token_ids: list[int] | None = None) -> None:
         """Queue a request (a prompt string or token ids); raises before queueing anything if it is invalid."""
-        if request_id in self.requests:
+        if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already running")
         token_ids = prompt_token_ids or (self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
         self.validate(token_ids, params)
@@ -147,13 +147,21 @@ class LLMEngine:
             seq.logprobs = [] if params.logprobs is not None else None
             seqs.append(seq)
         self.stats.prompt_tokens += len(token_ids)
-        self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None,
-                                            list(token_ids), seqs)
+        self._requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None,
+                                             list(token_ids), seqs)
         for seq in seqs:
             self.scheduler.add(seq)
 
+    def sequences(self, request_id: str) -> list[Sequence]:
+        """The sequences (one per sample) of an unfinished request; raises KeyError for an unknown or finished one."""
+        return self._requests[request_id].seqs
+
+    def snapshot(self, request_id: str) -> RequestOutput:
+        """The output so far of an unfinished request (what streaming sends)."""
+        return self._make_output(self._requests[request_id])
+
     def abort_request(self, request_id: str) -> None:
-        request = self.requests.pop(request_id, None)
+        request = self._requests.pop(request_id, None)
         if request is not None:
             for seq in request.seqs:
                 if not seq.is_finished:
@@ -254,14 +262,14 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
 
     def _maybe_finish_request(self, request_id: str) -> RequestOutput | None:
-        request = self.requests[request_id]
+        request = self._requests[request_id]
         if not all(s.is_finished for s in request.seqs):
             return None
-        del self.requests[request_id]
+        del self._requests[request_id]
         self.stats.finished_requests += 1
-        return self.make_output(request)
+        return self._make_output(request)
 
-    def make_output(self, request: Request) -> RequestOutput:
+    def _make_output(self, request: Request) -> RequestOutput:
         outputs = [CompletionOutput(s.index, s.text, s.output_token_ids, s.cumulative_logprob if s.logprobs is not None
                                     else None, s.logprobs, s.finish_reason, s.stop_reason) for s in request.seqs]
         first = request.seqs[0]

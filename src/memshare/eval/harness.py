@@ -17,11 +17,11 @@ from typing import Any
 from tqdm import tqdm
 
 from memshare.config import EngineConfig, ShareConfig
-from memshare.entrypoints.llm import LLM
+from memshare.engine.llm import LLM
 from memshare.errors import MemShareError
 from memshare.eval.datasets import BUILTIN, DEFAULT_INSTRUCTION, Problem, chat_prompt, load_problems
 from memshare.eval.grading import is_correct
-from memshare.eval.policies import LABEL_FIELDS, PolicySpec, expand_sweep, parse_policies, share_for
+from memshare.eval.policies import PolicySpec, expand_sweep, parse_policies, share_for
 from memshare.eval.report import parameters, read_records, safe_name, score
 from memshare.outputs import RequestOutput
 from memshare.sampling_params import SamplingParams
@@ -49,7 +49,7 @@ class EvalConfig:
     out: Path
     policies: str = "none,memshare"
     sweep: dict[str, list[str]] = field(default_factory=dict)  # see `expand_sweep`
-    share: ShareConfig = field(default_factory=ShareConfig)
+    defaults: dict[str, Any] = field(default_factory=dict)  # policy fields every spec starts from
     problem_field: str = "problem"
     answer_field: str = "answer"
     limit: int | None = None
@@ -89,11 +89,8 @@ def dataset_name(dataset: str) -> str:
 
 
 def run_name(spec: PolicySpec, memshare: str | None) -> str:
-    """The spec's label, plus the fields it sets that the label omits, plus the MemShare run it is matched to."""
-    shown = LABEL_FIELDS.get(spec.share.policy, ())
-    extras = [f"{k}={v}" for k, v in parameters(asdict(spec.share)).items() if k not in shown]
-    name = spec.label + (f"[{', '.join(extras)}]" if extras else "")
-    return f"{name} vs {memshare}" if spec.match else name
+    """The spec's label, plus the MemShare run it is matched to."""
+    return f"{spec.label} vs {memshare}" if spec.match else spec.label
 
 
 def plan_runs(specs: list[PolicySpec], directory: Path) -> list[Run]:
@@ -136,7 +133,7 @@ def run_config(config: EvalConfig, run: Run, share: ShareConfig, problems: list[
                     "sha256": digest.hexdigest()},
         "instruction": config.instruction, "samples": config.samples,
         "sampling": asdict(config.sampling(0)) | {"seed": config.seed},  # problem i: seed + i
-        "share": asdict(share),
+        "share": share.to_dict(),
         "engine": {k: config.engine.get(k, getattr(defaults, k)) for k in RESULT_ENGINE_KEYS},
     }
     if run.memshare is not None:
@@ -301,7 +298,7 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
     configuration differs.
     """
     problems = load(config)
-    specs = expand_sweep(parse_policies(config.policies, config.share), config.sweep)
+    specs = expand_sweep(parse_policies(config.policies, config.defaults), config.sweep)
     runs = plan_runs(specs, config.out / dataset_name(config.dataset))
     for run in runs:  # fail now rather than after hours of earlier runs; matched configs are known only later
         if run.memshare is None:

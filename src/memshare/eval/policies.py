@@ -1,21 +1,17 @@
 """Policy specs on the command line: `none,memshare:block_threshold=0.61,h2o:kv_budget=0.8,random:share_ratio=memshare`.
 
-Each comma-separated item is a policy name with optional `:field=value` overrides of ShareConfig fields. The
-value `memshare` for `share_ratio` or `kv_budget` means "match the MemShare run listed before this one": the
-random policy then shares at its affected ratio, an eviction policy keeps the fraction 1 - affected ratio.
+Each comma-separated item is a registered policy name with optional `:field=value` overrides of its config's
+fields. The value `memshare` for a field the policy registered as matchable (random's `share_ratio`, the evictions'
+`kv_budget`) means "match the MemShare run listed before this one": the random policy then shares at its affected
+ratio, an eviction policy keeps the fraction 1 - affected ratio.
 """
 
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from memshare.config import POLICIES, ShareConfig
-
-MATCHABLE = ("share_ratio", "kv_budget")
-# The fields worth naming in a run's label, per policy.
-LABEL_FIELDS = {"memshare": ("step_threshold", "block_threshold", "stage1", "stage2"), "random": ("share_ratio",),
-                "streamingllm": ("kv_budget",), "h2o": ("kv_budget",), "rkv": ("kv_budget",)}
+from memshare.config import ShareConfig, policy_names, registration, share_config
 
 
 @dataclass(slots=True)
@@ -25,18 +21,18 @@ class PolicySpec:
 
     @property
     def label(self) -> str:
-        share = self.share
-        parts = [f"{name}={'memshare' if name in self.match else getattr(share, name)}"
-                 for name in LABEL_FIELDS.get(share.policy, ())
-                 if name in self.match or getattr(share, name) != getattr(ShareConfig(), name)
-                 or name in ("step_threshold", "block_threshold", "kv_budget", "share_ratio")]
-        return share.policy + (f"({', '.join(parts)})" if parts else "")
+        """The policy with its knobs (`memshare` where matched), then its other fields that are off their default."""
+        knobs, default = registration(self.share.policy).knobs, type(self.share)()
+        parts = [f"{f.name}={'memshare' if f.name in self.match else getattr(self.share, f.name)}"
+                 for f in sorted(fields(self.share), key=lambda f: f.name not in knobs)
+                 if f.name in knobs or f.name in self.match or getattr(self.share, f.name) != getattr(default, f.name)]
+        return self.share.policy + (f"({', '.join(parts)})" if parts else "")
 
 
-def _convert(name: str, raw: str, default: object) -> object:
+def _convert(raw: str, default: object) -> object:
     if isinstance(default, bool):
         return raw.lower() in ("1", "true", "yes")
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
+    if isinstance(default, (int, float)):
         number = float(raw)
         return int(number) if isinstance(default, int) and number.is_integer() else number
     if isinstance(default, tuple):
@@ -44,29 +40,37 @@ def _convert(name: str, raw: str, default: object) -> object:
     return raw
 
 
-def parse_policies(text: str, defaults: ShareConfig | None = None) -> list[PolicySpec]:
-    """PolicySpecs from a comma-separated list; raises ValueError naming the bad item."""
-    defaults = defaults or ShareConfig()
-    known = {f.name: f for f in fields(ShareConfig)}
+def _field_defaults(policy: str) -> dict[str, Any]:
+    config = registration(policy).config()
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+def parse_policies(text: str, defaults: dict[str, Any] | None = None) -> list[PolicySpec]:
+    """PolicySpecs from a comma-separated list, each starting from the `defaults` its policy has a field for;
+    raises ValueError naming the bad item."""
     specs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, *overrides = item.split(":")
-        if name not in POLICIES:
-            raise ValueError(f"unknown policy {name!r} in {item!r}; choose from {POLICIES}")
-        values: dict[str, object] = {"policy": name}
+        try:
+            known = _field_defaults(name)
+        except ValueError as error:
+            raise ValueError(f"{error} (in {item!r})") from error
+        matchable = dict(registration(name).match)
+        values = {k: v for k, v in (defaults or {}).items() if k in known}
         match: list[str] = []
         for override in overrides:
             key, sep, raw = override.partition("=")
-            if not sep or key not in known or key == "policy":
-                raise ValueError(f"bad override {override!r} in {item!r}: use field=value with a ShareConfig field")
-            if raw == "memshare" and key in MATCHABLE:
+            if not sep or key not in known:
+                raise ValueError(f"bad override {override!r} in {item!r}: use field=value with a field of {name!r} "
+                                 f"({', '.join(known)})")
+            if raw == "memshare" and key in matchable:
                 match.append(key)
                 continue
             try:
-                values[key] = _convert(key, raw, getattr(defaults, key))
+                values[key] = _convert(raw, known[key])
             except ValueError as error:
                 raise ValueError(f"bad value for {key} in {item!r}: {raw!r}") from error
-        specs.append(PolicySpec(replace(defaults, **values), tuple(match)))
+        specs.append(PolicySpec(share_config(name, **values), tuple(match)))
     if not specs:
         raise ValueError("no policy given")
     return specs
@@ -74,13 +78,14 @@ def parse_policies(text: str, defaults: ShareConfig | None = None) -> list[Polic
 
 def parse_sweep(items: list[str] | None) -> dict[str, list[str]]:
     """`["block_threshold=0.62,0.55,0.5", ...]` -> {field: values}; every field needs as many values."""
-    known = {f.name for f in fields(ShareConfig)}
+    known = {k for name in policy_names() for k in registration(name).knobs}
     sweep: dict[str, list[str]] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         values = [v.strip() for v in raw.split(",") if v.strip()]
-        if not sep or key not in known or key == "policy" or not values:
-            raise ValueError(f"bad --sweep {item!r}: use field=v1,v2,... with a ShareConfig field")
+        if not sep or key not in known or not values:
+            raise ValueError(f"bad --sweep {item!r}: use field=v1,v2,... with a knob of a policy "
+                             f"({', '.join(sorted(known))})")
         sweep[key] = values
     if len({len(v) for v in sweep.values()}) > 1:
         raise ValueError(f"--sweep fields need as many values each, got {sweep}")
@@ -93,13 +98,12 @@ def expand_sweep(specs: list[PolicySpec], sweep: dict[str, list[str]]) -> list[P
     once per MemShare run it is matched to."""
     if not sweep:
         return specs
-    defaults = ShareConfig()
     expanded: list[tuple[PolicySpec, PolicySpec | None]] = []  # (spec, the MemShare spec it is matched to)
     for level in range(len(next(iter(sweep.values())))):
         source: PolicySpec | None = None
         for spec in specs:
-            values = {k: _convert(k, v[level], getattr(defaults, k)) for k, v in sweep.items()
-                      if k in LABEL_FIELDS.get(spec.share.policy, ()) and k not in spec.match}
+            values = {k: _convert(v[level], getattr(spec.share, k)) for k, v in sweep.items()
+                      if k in registration(spec.share.policy).knobs and k not in spec.match}
             try:
                 swept = PolicySpec(replace(spec.share, **values), spec.match)
             except ValueError as error:
@@ -117,12 +121,8 @@ R = TypeVar("R")
 
 def matched(spec: PolicySpec, memshare_affected_ratio: float) -> ShareConfig:
     """The spec's ShareConfig with its `memshare`-matched fields filled from a MemShare run's affected ratio."""
-    values: dict[str, float] = {}
-    if "share_ratio" in spec.match:
-        values["share_ratio"] = memshare_affected_ratio
-    if "kv_budget" in spec.match:
-        values["kv_budget"] = min(max(1 - memshare_affected_ratio, 1e-3), 0.999)
-    return replace(spec.share, **values)
+    rules = dict(registration(spec.share.policy).match)
+    return replace(spec.share, **{name: rules[name](memshare_affected_ratio) for name in spec.match})
 
 
 def share_for(spec: PolicySpec, memshare_ratio: float | None) -> ShareConfig:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from memshare.config import EngineConfig, ShareConfig
-from memshare.entrypoints.llm import LLM
+from memshare.engine.llm import LLM
 from memshare.errors import MemShareError
 from memshare.eval.fidelity import Trace, model_tokenizer
 from memshare.eval.harness import (
@@ -159,7 +159,7 @@ class ReplayConfig:
     out: Path
     policies: str = "none,memshare"
     sweep: dict[str, list[str]] = field(default_factory=dict)
-    share: ShareConfig = field(default_factory=ShareConfig)
+    defaults: dict[str, Any] = field(default_factory=dict)  # policy fields every spec starts from
     prompt_field: str | None = None
     response_field: str = "response"
     limit: int | None = None
@@ -182,7 +182,7 @@ def run_config(config: ReplayConfig, run: Run, share: ShareConfig, traces: list[
                    "response_field": config.response_field, "limit": config.limit, "num_traces": len(traces),
                    "max_tokens": config.max_tokens, "forced_tokens": sum(len(t.token_ids) for t in traces),
                    "sha256": digest.hexdigest()},
-        "top_k": config.top_k, "share": asdict(share),
+        "top_k": config.top_k, "share": share.to_dict(),
         "engine": {k: config.engine.get(k, getattr(defaults, k)) for k in (*RESULT_ENGINE_KEYS,
                                                                             "max_num_seqs", "max_num_batched_tokens")},
     }
@@ -325,7 +325,7 @@ def run_replay(config: ReplayConfig) -> list[dict[str, Any]]:
     saved configuration differs (matched runs: once their MemShare run is known).
     """
     traces = load_traces(config)
-    specs = expand_sweep(parse_policies(config.policies, config.share), config.sweep)
+    specs = expand_sweep(parse_policies(config.policies, config.defaults), config.sweep)
     dense = [s for s in specs if s.share.policy == "none" and not s.match]
     specs = (dense or parse_policies("none"))[:1] + [s for s in specs if s not in dense[:1]]
     runs = plan_runs(specs, config.out / safe_name(Path(config.traces).stem))

@@ -4,15 +4,11 @@ import json
 import math
 import re
 import statistics
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from memshare.config import POLICIES, ShareConfig
-from memshare.eval.policies import LABEL_FIELDS
+from memshare.config import policy_names, registration
 
-# The knobs always shown for a policy that has them, even at their default.
-KEY_PARAMETERS = ("step_threshold", "block_threshold", "share_ratio", "kv_budget")
 COLUMNS = ("policy", "parameters", "pass@1 ± CI", "Δ vs dense (paired)", "matched MemShare − this (paired)",
            "N problems", "memory saved (mean / peak)",
            "affected ratio", "tokens/s", "mean output length", "hit max_tokens", "preemptions")
@@ -22,13 +18,21 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^\w.=+-]+", "_", text).strip("_")
 
 
+def knobs(policy: str) -> tuple[str, ...]:
+    """The registered knobs of a policy; none for a policy this process does not know (a saved run's)."""
+    return registration(policy).knobs if policy in policy_names() else ()
+
+
 def parameters(share: dict[str, Any]) -> dict[str, Any]:
-    """The ShareConfig fields (as a dict) worth showing for a run: its policy's key knobs and all off-default ones."""
+    """The config fields (as a dict) worth showing for a run: its policy's knobs and all off-default fields."""
+    if share["policy"] not in policy_names():
+        return {name: value for name, value in share.items() if name != "policy"}
     # JSON round trips so that tuples and lists, as saved and as configured, compare equal.
-    share, defaults = json.loads(json.dumps(share)), json.loads(json.dumps(asdict(ShareConfig())))
-    key = [name for name in LABEL_FIELDS.get(share["policy"], ()) if name in KEY_PARAMETERS]
+    share = json.loads(json.dumps(share))
+    defaults = json.loads(json.dumps(registration(share["policy"]).config().to_dict()))
+    # A saved field the policy no longer has (runs saved before policies had configs of their own) is left out.
     return {name: value for name, value in share.items()
-            if name != "policy" and (name in key or value != defaults.get(name))}
+            if name in defaults and name != "policy" and (name in knobs(share["policy"]) or value != defaults[name])}
 
 
 def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
@@ -134,8 +138,8 @@ def _row(run: dict[str, Any], dense: dict[str, Any] | None, by_name: dict[str, d
 
 
 def _order(run: dict[str, Any]) -> tuple[int, str]:
-    policy = run["policy"]
-    return POLICIES.index(policy) if policy in POLICIES else len(POLICIES), run["name"]
+    names = policy_names()
+    return names.index(run["policy"]) if run["policy"] in names else len(names), run["name"]
 
 
 def _errorbars(runs: list[dict[str, Any]]) -> tuple[list[float], list[list[float]]]:
@@ -161,7 +165,7 @@ def _save(plt, fig, path: Path) -> None:
 
 def series_name(run: dict[str, Any]) -> str:
     """The plot series a run belongs to: its policy plus the off-default knobs that are not swept (e.g. stage1)."""
-    fixed = {k: v for k, v in parameters(run["config"]["share"]).items() if k not in KEY_PARAMETERS}
+    fixed = {k: v for k, v in parameters(run["config"]["share"]).items() if k not in knobs(run["policy"])}
     return run["policy"] + (f" ({_knobs_text(fixed)})" if fixed else "")
 
 
@@ -183,7 +187,7 @@ def plot_accuracy_vs_memory(title: str, runs: list[dict[str, Any]], path: Path) 
         y, yerr = _errorbars(group)
         ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=name)
         for r, xi, yi in zip(group, x, y):
-            swept = {k: v for k, v in parameters(r["config"]["share"]).items() if k in KEY_PARAMETERS}
+            swept = {k: v for k, v in parameters(r["config"]["share"]).items() if k in knobs(r["policy"])}
             if swept:
                 ax.annotate(_knobs_text(swept), (xi, yi), fontsize=6, xytext=(4, 4), textcoords="offset points")
     ax.set(xlabel="memory saved (mean of 1 - physical / logical KV blocks)", ylabel="pass@1 (95% CI)",

@@ -65,8 +65,8 @@ def probe_tokens(prompt: list[int], answer: list[int], filler: int, block_size: 
     return prompt + answer + [filler] * pad + answer, len(answer) + pad
 
 
-def score(engine: LLMEngine, pairs: list[tuple[Sequence, int, Sequence, int]]) -> list[float]:
-    """Stage-2 similarity (the engine's `stage2` metric) of (sequence, block index) pairs, batched."""
+def score(engine: LLMEngine, pairs: list[tuple[Sequence, int, Sequence, int]], metric: str) -> list[float]:
+    """Stage-2 similarity (`metric`) of (sequence, block index) pairs, batched."""
     bm, bs = engine.block_manager, engine.block_manager.block_size
     out: list[float] = []
     for start in range(0, len(pairs), 64):
@@ -75,14 +75,15 @@ def score(engine: LLMEngine, pairs: list[tuple[Sequence, int, Sequence, int]]) -
                            [i * bs for _, i, _, _ in batch])
         right = read_blocks(bm, engine.model_runner.unrotate_keys, [s.block_table[j] for _, _, s, j in batch],
                             [j * bs for _, _, _, j in batch])
-        similarity = block_similarity(left[0], left[1], right[0], right[1], engine.config.share.stage2)
+        similarity = block_similarity(left[0], left[1], right[0], right[1], metric)
         out += torch.diagonal(similarity).tolist()
     return out
 
 
 def calibrate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 256, max_false_share: float = 0.01,
-              seed: int = 0) -> Calibration:
-    """Run the calibration on `engine` (a dense one) with chat-templated problem prompts."""
+              seed: int = 0, metric: str = "euclidean") -> Calibration:
+    """Run the calibration on `engine` (a dense one) with chat-templated problem prompts, for the stage-2
+    `metric` ("euclidean", or the "cosine" ablation)."""
     rng = random.Random(seed)
     bm = engine.block_manager
     bs = bm.block_size
@@ -105,7 +106,7 @@ def calibrate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 256
             continue
         free -= need
         engine.add_request(f"calibrate-probe-{i}", tokens, hold)
-        seq = engine.requests[f"calibrate-probe-{i}"].seqs[0]
+        seq = engine.sequences(f"calibrate-probe-{i}")[0]
         probes.append((seq, bm.blocks_needed(len(prompt) + shift), shift // bs))
     if len(probes) < 2:
         raise ValueError(f"only {len(probes)} calibration probe(s) fit the KV cache: raise kv_cache_memory "
@@ -116,15 +117,15 @@ def calibrate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 256
     for n, (seq, first_copy_block, shift) in enumerate(probes):
         copy_blocks = range(first_copy_block, seq.num_prompt_tokens // bs)
         repeats_pairs = [(seq, b, seq, b - shift) for b in copy_blocks]
-        repeats += score(engine, repeats_pairs)
+        repeats += score(engine, repeats_pairs, metric)
         same_pairs = [(seq, b, seq, j) for b in copy_blocks if (j := rng.randrange(b)) != b - shift]
-        same += score(engine, same_pairs)
+        same += score(engine, same_pairs, metric)
         others = [o for m, (o, _, _) in enumerate(probes) if m != n]
         other_pairs = []
         for b in copy_blocks:
             o = rng.choice(others)
             other_pairs.append((seq, b, o, rng.randrange(o.num_prompt_tokens // bs)))
-        other += score(engine, other_pairs)
+        other += score(engine, other_pairs, metric)
     for seq, _, _ in probes:
         engine.abort_request(seq.request_id)
     threshold, false_share, recall = propose_threshold(same + other, repeats, max_false_share)

@@ -10,15 +10,60 @@ heads, because a freed block frees every layer at once.
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-from memshare.config import ShareConfig
+from memshare.config import ShareConfig, check_fraction, check_positive, register_policy
 from memshare.engine.block_manager import BlockManager
+from memshare.engine.policy import ModelAccess, SharingPolicy
 from memshare.engine.sequence import Sequence
-from memshare.sharing.policy import SharingPolicy
 
 RKV_OBSERVATION_WINDOW = 8  # R-KV scores importance with the attention of the last 8 queries
+
+
+@dataclass(slots=True)
+class StreamingLLMConfig(ShareConfig):
+    """StreamingLLM: the prompt (its first tokens are the attention sinks) and the most recent generated blocks."""
+
+    policy: ClassVar[str] = "streamingllm"
+    kv_budget: float = field(default=32, metadata={
+        "help": "generated blocks kept per request (below 1: that fraction)"})
+
+    def __post_init__(self) -> None:
+        budget = self.kv_budget
+        if not isinstance(budget, (int, float)) or not budget > 0 or math.isinf(budget):
+            raise ValueError(f"kv_budget must be a block count >= 1 or a fraction in (0, 1), got {budget!r}")
+        if budget > 1 and budget != int(budget):
+            raise ValueError(f"kv_budget above 1 is a number of blocks and must be whole, got {budget!r}")
+
+
+@dataclass(slots=True)
+class H2OConfig(StreamingLLMConfig):
+    """H2O: heavy hitters by accumulated attention plus `recent_fraction` of the budget as recent window."""
+
+    policy: ClassVar[str] = "h2o"
+    recent_fraction: float = field(default=0.5, metadata={"help": "share of the budget kept as recent window"})
+
+    def __post_init__(self) -> None:
+        super(H2OConfig, self).__post_init__()
+        check_fraction(self, "recent_fraction")
+
+
+@dataclass(slots=True)
+class RKVConfig(StreamingLLMConfig):
+    """R-KV: attention importance minus key redundancy, weighted by `rkv_lambda`, every `compress_interval`
+    tokens."""
+
+    policy: ClassVar[str] = "rkv"
+    compress_interval: int = field(default=128, metadata={"help": "compress every N generated tokens"})
+    rkv_lambda: float = field(default=0.1, metadata={
+        "help": "weight of attention importance against key redundancy"})
+
+    def __post_init__(self) -> None:
+        super(RKVConfig, self).__post_init__()
+        check_fraction(self, "rkv_lambda")
+        check_positive(self, "compress_interval")
 
 
 @dataclass(slots=True)
@@ -33,9 +78,8 @@ class EvictionState:
 class EvictionPolicy(SharingPolicy):
     """StreamingLLM: the most recent generated blocks fill the whole budget."""
 
-    def __init__(self, config: ShareConfig, block_manager: BlockManager) -> None:
-        super().__init__(block_manager)
-        self.config = config
+    def __init__(self, config: StreamingLLMConfig, block_manager: BlockManager, model: ModelAccess) -> None:
+        super().__init__(config, block_manager, model)
         self.block_size = block_manager.block_size
         self.states: dict[int, EvictionState] = {}
         self.blocks_evicted = 0
@@ -170,3 +214,12 @@ class RKVPolicy(EvictionPolicy):
         similarity = (flat @ flat.transpose(1, 2)).mean(0)
         n = similarity.shape[0]
         return (similarity.sum(1) - similarity.diagonal()) / max(n - 1, 1)
+
+
+def _keep_fraction(memshare_affected_ratio: float) -> float:
+    # At MemShare's memory: keep the fraction of generated blocks MemShare did not share.
+    return min(max(1 - memshare_affected_ratio, 1e-3), 0.999)
+
+
+for _config, _policy in ((StreamingLLMConfig, EvictionPolicy), (H2OConfig, H2OPolicy), (RKVConfig, RKVPolicy)):
+    register_policy(_config, _policy, knobs=("kv_budget",), match={"kv_budget": _keep_fraction})

@@ -10,18 +10,62 @@ Per running sequence, after every engine step:
    replaced; after a preemption the recomputed blocks are compared again.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-from memshare.config import ShareConfig
+from memshare.config import ShareConfig, check_positive, register_policy
 from memshare.engine.block_manager import BlockManager
+from memshare.engine.policy import ModelAccess, SharingPolicy
 from memshare.engine.sequence import Sequence
-from memshare.sharing.policy import ModelAccess, SharingPolicy
-from memshare.sharing.stage1 import StepIndex, make_encoder
-from memshare.sharing.stage2 import Scorer, local_scorer
-from memshare.sharing.steps import SplitState, StepSplitter
+from memshare.sharing.stage1 import STAGE1_ENCODERS, StepIndex, make_encoder
+from memshare.sharing.stage2 import STAGE2_METRICS, Scorer, local_scorer
+from memshare.sharing.steps import REFLECTION_CUES, SplitState, StepSplitter
+
+
+@dataclass(slots=True)
+class MemShareConfig(ShareConfig):
+    """MemShare: a finished step is compared by bag-of-words cosine over token ids with every earlier step
+    (stage 1; `stage1="lsh"` buckets by random-hyperplane LSH first); candidates at or above `step_threshold` have
+    their blocks compared with the step's blocks by normalized Euclidean similarity of K and V (stage 2); a block
+    whose best match reaches `block_threshold` is shared. Thresholds above 1 never share. `memshare calibrate`
+    proposes a block threshold for a model. Ablations: `stage1="embedding"` (mean input embedding) or `"minilm"`
+    (sentence embedding of the step text), `stage2="cosine"`."""
+
+    policy: ClassVar[str] = "memshare"
+    step_threshold: float = field(default=0.9, metadata={
+        "help": "stage-1 cosine a step needs to be a candidate (above 1: never)"})
+    block_threshold: float = field(default=0.8, metadata={
+        "help": "stage-2 similarity a block pair needs to be shared (above 1: never)"})
+    stage1: str = field(default="bow", metadata={
+        "help": "bow: cosine against every earlier step; lsh: hyperplane-LSH buckets first",
+        "choices": STAGE1_ENCODERS})
+    stage2: str = field(default="euclidean", metadata={
+        "help": "block similarity: normalized Euclidean (MemShare) or cosine (ablation)", "choices": STAGE2_METRICS})
+    min_step_tokens: int = field(default=16, metadata={"help": "a shorter step continues into the next"})
+    split_on_blank_line: bool = True
+    reflection_cues: tuple[str, ...] = REFLECTION_CUES
+    # Stage 2 reads the KV of at most this many best stage-1 candidates per step, bounding its cost on long chains.
+    max_candidate_steps: int = 8
+    # 16 bands of 8 bits: a pair at cosine 0.9 collides in some band with p > 0.99, unrelated steps with p ~ 0.06.
+    lsh_bands: int = 16
+    lsh_rows: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stage1 not in STAGE1_ENCODERS:
+            raise ValueError(f"stage1 must be one of {STAGE1_ENCODERS}, got {self.stage1!r}")
+        if self.stage2 not in STAGE2_METRICS:
+            raise ValueError(f"stage2 must be one of {STAGE2_METRICS}, got {self.stage2!r}")
+        for name in ("step_threshold", "block_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0 (above 1 never shares), got {value!r}")
+        check_positive(self, "min_step_tokens", "max_candidate_steps", "lsh_bands", "lsh_rows")
+        self.reflection_cues = tuple(self.reflection_cues)
 
 
 @dataclass(slots=True)
@@ -45,10 +89,9 @@ class SeqState:
 
 
 class MemSharePolicy(SharingPolicy):
-    def __init__(self, config: ShareConfig, block_manager: BlockManager, model: ModelAccess,
+    def __init__(self, config: MemShareConfig, block_manager: BlockManager, model: ModelAccess,
                  scorer: Scorer | None = None) -> None:
-        super().__init__(block_manager)
-        self.config = config
+        super().__init__(config, block_manager, model)
         self.block_size = block_manager.block_size
         self.splitter = StepSplitter(config, lambda token: model.decode([token]))
         self.score = scorer or local_scorer(block_manager, model.unrotate_keys, config.stage2)
@@ -156,3 +199,6 @@ class MemSharePolicy(SharingPolicy):
                 self.blocks_shared += 1
                 if self.on_share is not None:
                     self.on_share(seq, entry, columns[column], score)
+
+
+register_policy(MemShareConfig, MemSharePolicy, knobs=("step_threshold", "block_threshold"))

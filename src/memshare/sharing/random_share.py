@@ -6,12 +6,25 @@ random while the affected ratio over a run matches the requested one to within a
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from memshare.config import ShareConfig
+from memshare.config import ShareConfig, check_fraction, register_policy
 from memshare.engine.block_manager import BlockManager
+from memshare.engine.policy import ModelAccess, SharingPolicy
 from memshare.engine.sequence import Sequence
-from memshare.sharing.policy import SharingPolicy
+
+
+@dataclass(slots=True)
+class RandomShareConfig(ShareConfig):
+    """Random sharing: each full generated block shares a random earlier block at rate `share_ratio`."""
+
+    policy: ClassVar[str] = "random"
+    share_ratio: float = field(default=0.1, metadata={"help": "fraction of generated blocks shared"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fraction(self, "share_ratio")
 
 
 @dataclass(slots=True)
@@ -23,8 +36,8 @@ class RandomState:
 
 
 class RandomSharePolicy(SharingPolicy):
-    def __init__(self, config: ShareConfig, block_manager: BlockManager) -> None:
-        super().__init__(block_manager)
+    def __init__(self, config: RandomShareConfig, block_manager: BlockManager, model: ModelAccess) -> None:
+        super().__init__(config, block_manager, model)
         self.ratio = config.share_ratio
         self.rng = random.Random(config.seed)
         self.states: dict[int, RandomState] = {}
@@ -66,3 +79,8 @@ class RandomSharePolicy(SharingPolicy):
 
     def stats(self) -> dict[str, float | int]:
         return super().stats() | {"blocks_shared": self.blocks_shared}
+
+
+# Matched to a MemShare run: share at its affected ratio.
+register_policy(RandomShareConfig, RandomSharePolicy, knobs=("share_ratio",),
+                match={"share_ratio": lambda ratio: ratio})

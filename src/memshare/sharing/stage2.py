@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from memshare.engine.block_manager import BlockManager
+from memshare.engine.policy import UnrotateKeys
 
-UnrotateKeys = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+STAGE2_METRICS = ("euclidean", "cosine")
 # (physical block ids, first position of each block's KV, m) -> similarity [m, n - m] of the first m blocks with the
 # rest. Where the KV cache lives decides how it is computed: here, or on vLLM's workers.
 Scorer = Callable[[Sequence[int], Sequence[int], int], torch.Tensor]

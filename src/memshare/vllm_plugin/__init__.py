@@ -1,7 +1,7 @@
 """MemShare inside vLLM v1, as the `vllm.general_plugins` entry point `memshare`.
 
 Enable it per engine with `LLM(..., additional_config={"memshare": {"step_threshold": 0.7, ...}})` (any
-`ShareConfig` field) or for every engine with the environment: `MEMSHARE_POLICY=memshare` and optionally
+`MemShareConfig` field) or for every engine with the environment: `MEMSHARE_POLICY=memshare` and optionally
 `MEMSHARE_CONFIG='{"block_threshold": 0.61}'`. Disabled, the plugin changes nothing in vLLM.
 
 The engine core runs the same `MemSharePolicy` as memshare's own engine after every step; stage 2 reads the
@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from memshare.config import ShareConfig
+from memshare.config import share_config as make_share_config
 
 logger = logging.getLogger("memshare.vllm")
 _registered = False
@@ -29,8 +30,8 @@ def share_config(additional_config: dict) -> ShareConfig | None:
     if fields is None or fields.get("policy", "memshare") == "none":
         return None
     if not isinstance(fields, dict):
-        raise ValueError(f"additional_config['memshare'] must be a dict of ShareConfig fields, got {fields!r}")
-    return ShareConfig(**{"policy": "memshare", **fields})
+        raise ValueError(f"additional_config['memshare'] must be a dict of MemShareConfig fields, got {fields!r}")
+    return make_share_config(**{"policy": "memshare", **fields})
 
 
 def register() -> None:

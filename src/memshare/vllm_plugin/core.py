@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memshare.config import ShareConfig
+from memshare.engine.policy import ModelAccess
 from memshare.sharing.memshare import MemSharePolicy
-from memshare.sharing.policy import ModelAccess
 from memshare.vllm_plugin import _vllm_api as api
 from memshare.vllm_plugin import worker
 
@@ -65,7 +65,7 @@ class VllmMemShare:
         problems = api.unsupported_features(core) + sorted(set(sum(api.collective_rpc(core)(worker.check), [])))
         if config.policy != "memshare":
             problems.append(f"policy {config.policy!r} (the vLLM plugin runs 'memshare')")
-        if config.stage1 not in ("bow", "lsh"):
+        elif config.stage1 not in ("bow", "lsh"):
             problems.append(f"stage1={config.stage1!r} (the vLLM plugin runs 'bow' or 'lsh')")
         if problems:
             raise ValueError("MemShare cannot run with this vLLM configuration: " + "; ".join(problems))

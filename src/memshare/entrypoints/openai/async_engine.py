@@ -132,11 +132,10 @@ class AsyncLLM:
         for request_id, stream in self._streams.items():
             if not stream.snapshots:
                 continue
-            request = self.engine.requests[request_id]
-            num_tokens = sum(len(seq.token_ids) for seq in request.seqs)
+            num_tokens = sum(len(seq.token_ids) for seq in self.engine.sequences(request_id))
             if num_tokens != stream.num_tokens:
                 stream.num_tokens = num_tokens
-                stream.put(self.engine.make_output(request))
+                stream.put(self.engine.snapshot(request_id))
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:

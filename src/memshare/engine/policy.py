@@ -1,13 +1,16 @@
-"""The hooks the engine calls between steps; the base policy is dense attention (`policy="none"`)."""
+"""The hooks the engine calls between steps, and the policy a config builds; the base policy is dense attention
+(`policy="none"`). The policies themselves live in `memshare.sharing`, one module each, and register their config."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from memshare.config import ShareConfig, register_policy, registration
 from memshare.engine.block_manager import BlockManager
 from memshare.engine.sequence import Sequence
-from memshare.sharing.stage2 import UnrotateKeys
+
+UnrotateKeys = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -34,7 +37,8 @@ class SharingPolicy:
 
     needs_queries = False  # True: the engine passes each decoded token's attention query to `observe`
 
-    def __init__(self, block_manager: BlockManager) -> None:
+    def __init__(self, config: ShareConfig, block_manager: BlockManager, model: ModelAccess) -> None:
+        self.config = config
         self.block_manager = block_manager
         self.generated_blocks = 0
         self.affected_blocks = 0
@@ -65,3 +69,11 @@ class SharingPolicy:
     def stats(self) -> dict[str, float | int]:
         return {"blocks_shared": 0, "stage1_candidates": 0, "stage2_pairs": 0,
                 "affected_ratio": self.affected_blocks / self.generated_blocks if self.generated_blocks else 0.0}
+
+
+def make_policy(config: ShareConfig, block_manager: BlockManager, model: ModelAccess) -> SharingPolicy:
+    """The sharing policy `config` registered, over this block manager and model."""
+    return registration(config.policy).policy_class(config, block_manager, model)
+
+
+register_policy(ShareConfig, SharingPolicy)

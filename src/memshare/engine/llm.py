@@ -29,7 +29,8 @@ class LLM:
 
     `model` is a registered short name, a Hugging Face model directory, or a .gguf file. Other keyword
     arguments are `EngineConfig` fields (kv_cache_memory, num_kv_blocks, block_size, max_num_seqs, ...);
-    `share=ShareConfig(policy="memshare", step_threshold=0.9, block_threshold=0.8)` turns on MemShare.
+    `share=MemShareConfig(step_threshold=0.9, block_threshold=0.8)` turns on MemShare; any registered
+    policy's config (`share_config("h2o", kv_budget=0.5)`) selects that policy.
     """
 
     def __init__(self, model: str = "smollm2-135m", **kwargs: Any) -> None:
