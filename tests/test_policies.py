@@ -64,6 +64,42 @@ def test_rkv_compresses_every_interval_to_its_budget(prompts):
     assert engine.get_stats()["blocks_evicted"] > 0
 
 
+@pytest.mark.parametrize("threshold", [0.0, 2.0])
+def test_remap_shares_given_up_blocks_with_earlier_kept_ones(prompts, threshold):
+    """R-KV with remap: same budget of owned blocks; a given-up block becomes an entry pointing at an earlier kept
+    block (threshold 0: always, as the prompt is always an earlier kept block) or is evicted (above 1: never)."""
+    engine = LLMEngine(EngineConfig(model=MODEL, num_kv_blocks=16, max_model_len=192, log_stats_interval=0,
+                                    share=share_config("rkv", kv_budget=2, compress_interval=16,
+                                                       remap_threshold=threshold)))
+    for i, ids in enumerate(prompts[:4]):
+        engine.add_request(str(i), ids, LONG)
+    cache = engine.block_manager.kv_caches[0][0]
+    while engine.has_unfinished_requests():
+        before = cache.clone()
+        written = {(seq.seq_id, seq.num_preemptions): set(seq.block_table[: seq.num_computed_tokens // 16])
+                   for seq in engine.scheduler.running}
+        engine.step()
+        check_ref_counts(engine)
+        for seq in engine.scheduler.running:
+            holder: dict[int, int] = {}
+            for i, block_id in enumerate(seq.block_table):
+                holder.setdefault(block_id, i)
+            first = engine.policy.first_generated_block(seq)
+            owned = [i for i in range(first, len(seq.block_table)) if holder[seq.block_table[i]] == i]
+            if seq.num_computed_tokens == seq.num_tokens - 1:
+                assert len(owned) <= 2 + 2  # the budget, plus up to 16 tokens (two partial blocks) between rounds
+            # Zero-copy: a block written before the step and still in the table holds the same KV.
+            kept = sorted(written.get((seq.seq_id, seq.num_preemptions), set()) & set(seq.block_table))
+            assert torch.equal(cache[kept], before[kept])
+    stats = engine.get_stats()
+    assert engine.block_manager.num_used_blocks == 0 and not engine.policy.states
+    assert stats["num_preemptions"] > 0
+    if threshold == 0:
+        assert stats["blocks_shared"] > 8 and stats["blocks_evicted"] == 0
+    else:
+        assert stats["blocks_shared"] == 0 and stats["blocks_evicted"] > 8
+
+
 def test_fractional_budget_keeps_that_share_of_generated_blocks(prompts):
     engine = make_engine(policy="h2o", kv_budget=0.5)
     engine.add_request("0", prompts[0], LONG)

@@ -5,6 +5,10 @@ the generated blocks kept) and frees the rest through `BlockManager.evict`, whic
 table. The prompt is never evicted (its first tokens are StreamingLLM's attention sinks) and the last entry,
 which the next token is written to or after, is always kept. Scores are per block, summed over layers and
 heads, because a freed block frees every layer at once.
+
+Remap (`remap_threshold` <= 1, issue 20's MemShare variant): a given-up block whose MemShare stage-2 similarity
+with an earlier kept block reaches the threshold is shared with that block (`BlockManager.share`) instead of
+evicted. It frees the same memory; attention sees the similar block where eviction shows it nothing.
 """
 
 import math
@@ -18,6 +22,7 @@ from memshare.config import ShareConfig, check_fraction, check_positive, registe
 from memshare.engine.block_manager import BlockManager
 from memshare.engine.policy import ModelAccess, SharingPolicy
 from memshare.engine.sequence import Sequence
+from memshare.sharing.stage2 import local_scorer
 
 RKV_OBSERVATION_WINDOW = 8  # R-KV scores importance with the attention of the last 8 queries
 
@@ -29,8 +34,13 @@ class StreamingLLMConfig(ShareConfig):
     policy: ClassVar[str] = "streamingllm"
     kv_budget: float = field(default=32, metadata={
         "help": "generated blocks kept per request (below 1: that fraction)"})
+    remap_threshold: float = field(default=2.0, metadata={
+        "help": "share a given-up block with its most similar earlier kept block at this stage-2 similarity "
+                "instead of evicting it (above 1: always evict)"})
 
     def __post_init__(self) -> None:
+        if not isinstance(self.remap_threshold, (int, float)) or not self.remap_threshold >= 0:
+            raise ValueError(f"remap_threshold must be a number >= 0 (above 1: never), got {self.remap_threshold!r}")
         budget = self.kv_budget
         if not isinstance(budget, (int, float)) or not budget > 0 or math.isinf(budget):
             raise ValueError(f"kv_budget must be a block count >= 1 or a fraction in (0, 1), got {budget!r}")
@@ -70,6 +80,7 @@ class RKVConfig(StreamingLLMConfig):
 class EvictionState:
     preemptions: int
     positions: list[int] = field(default_factory=list)  # position of the first token of each table entry
+    origins: list[int] = field(default_factory=list)  # position its KV was written at (a remapped entry: its source's)
     queries: deque = field(default_factory=deque)  # (position, [layers, heads, head_dim]) not yet scored
     scores: list[float] = field(default_factory=list)  # H2O: accumulated attention of each entry
     compressed_at: int = 0  # R-KV: output length at the last compression
@@ -83,6 +94,8 @@ class EvictionPolicy(SharingPolicy):
         self.block_size = block_manager.block_size
         self.states: dict[int, EvictionState] = {}
         self.blocks_evicted = 0
+        self.blocks_shared = 0
+        self.score = local_scorer(block_manager, model.unrotate_keys) if config.remap_threshold <= 1 else None
 
     def observe(self, seq: Sequence, query: torch.Tensor) -> None:
         """The query [layers, heads, head_dim] of `seq`'s latest decoded token (for attention-based scores)."""
@@ -94,11 +107,11 @@ class EvictionPolicy(SharingPolicy):
                 continue  # prefilling or recomputing: only a decoding sequence is compressed
             state = self._state(seq)
             first = self.first_generated_block(seq)
-            generated = len(seq.block_table) - first
-            limit = self.limit(seq, generated)
-            if generated > limit and self.due(seq, state):
-                keep = set(self.select(seq, state, first, limit))
-                self._evict(seq, state, [i for i in range(first, len(seq.block_table)) if i not in keep])
+            owned = self._owned(seq, first)
+            limit = self.limit(seq, len(seq.block_table) - first)
+            if len(owned) > limit and self.due(seq, state):
+                keep = set(self.select(seq, state, owned, limit))
+                self._give_up(seq, state, [i for i in owned if i not in keep])
 
     def limit(self, seq: Sequence, generated: int) -> int:
         budget = self.config.kv_budget
@@ -109,16 +122,16 @@ class EvictionPolicy(SharingPolicy):
     def due(self, seq: Sequence, state: EvictionState) -> bool:
         return True
 
-    def select(self, seq: Sequence, state: EvictionState, first: int, limit: int) -> list[int]:
-        """Generated entries to keep, `limit` of them including the last."""
-        return list(range(len(seq.block_table) - limit, len(seq.block_table)))
+    def select(self, seq: Sequence, state: EvictionState, owned: list[int], limit: int) -> list[int]:
+        """Entries of `owned` (generated, holding their own block) to keep, `limit` of them including the last."""
+        return owned[-limit:]
 
     def finish(self, seq: Sequence) -> None:
         super().finish(seq)
         self.states.pop(seq.seq_id, None)
 
     def stats(self) -> dict[str, float | int]:
-        return super().stats() | {"blocks_evicted": self.blocks_evicted}
+        return super().stats() | {"blocks_evicted": self.blocks_evicted, "blocks_shared": self.blocks_shared}
 
     def _state(self, seq: Sequence) -> EvictionState:
         state = self.states.get(seq.seq_id)
@@ -128,15 +141,54 @@ class EvictionPolicy(SharingPolicy):
                                                             compressed_at=seq.num_output_tokens)
         while len(state.positions) < len(seq.block_table):
             state.positions.append(state.positions[-1] + self.block_size if state.positions else 0)
+            state.origins.append(state.positions[-1])
             state.scores.append(0.0)
         return state
+
+    @staticmethod
+    def _owned(seq: Sequence, first: int) -> list[int]:
+        # Remapped entries hold no block of their own: they neither count against the budget nor free anything.
+        seen = set(seq.block_table[:first])
+        owned = []
+        for i in range(first, len(seq.block_table)):
+            if seq.block_table[i] not in seen:
+                owned.append(i)
+            seen.add(seq.block_table[i])
+        return owned
+
+    def _give_up(self, seq: Sequence, state: EvictionState, indices: list[int]) -> None:
+        remapped = self._remap(seq, state, indices) if self.score is not None else set()
+        self._evict(seq, state, [i for i in indices if i not in remapped])
+        state.compressed_at = seq.num_output_tokens
+
+    def _remap(self, seq: Sequence, state: EvictionState, indices: list[int]) -> set[int]:
+        """Share each given-up entry with its most similar earlier kept entry at or above `remap_threshold`."""
+        table, given = seq.block_table, set(indices)
+        holder: dict[int, int] = {}
+        for i, block_id in enumerate(table[:-1]):  # the last entry is still being written
+            holder.setdefault(block_id, i)
+        sources = sorted(i for i in holder.values() if i not in given)
+        if not sources or not indices:
+            return set()
+        entries = indices + sources
+        similarity = self.score([table[e] for e in entries], [state.origins[e] for e in entries], len(indices))
+        later = torch.tensor(sources).unsqueeze(0) >= torch.tensor(indices).unsqueeze(1)
+        best, column = similarity.masked_fill(later, -1.0).max(dim=1)
+        remapped = set()
+        for index, score, j in zip(indices, best.tolist(), column.tolist()):
+            if score >= self.config.remap_threshold:
+                self.block_manager.share(seq, index, sources[j])
+                state.origins[index] = state.origins[sources[j]]
+                remapped.add(index)
+        self.blocks_shared += len(remapped)
+        return remapped
 
     def _evict(self, seq: Sequence, state: EvictionState, indices: list[int]) -> None:
         self.block_manager.evict(seq, indices)
         dropped = set(indices)
         state.positions = [p for i, p in enumerate(state.positions) if i not in dropped]
+        state.origins = [p for i, p in enumerate(state.origins) if i not in dropped]
         state.scores = [s for i, s in enumerate(state.scores) if i not in dropped]
-        state.compressed_at = seq.num_output_tokens
         self.blocks_evicted += len(indices)
 
     def attention(self, seq: Sequence, state: EvictionState, queries: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
@@ -165,13 +217,11 @@ class H2OPolicy(EvictionPolicy):
         if len(state.queries) >= self.block_size:  # score in batches: buffered queries cost memory
             self._accumulate(seq, state)
 
-    def select(self, seq: Sequence, state: EvictionState, first: int, limit: int) -> list[int]:
+    def select(self, seq: Sequence, state: EvictionState, owned: list[int], limit: int) -> list[int]:
         self._accumulate(seq, state)
         recent = max(1, round(limit * self.config.recent_fraction))
-        end = len(seq.block_table)
-        older = range(first, end - recent)
-        heavy = sorted(older, key=lambda i: -state.scores[i])[: limit - recent]
-        return heavy + list(range(end - recent, end))
+        heavy = sorted(owned[:-recent], key=lambda i: -state.scores[i])[: limit - recent]
+        return heavy + owned[-recent:]
 
     def _accumulate(self, seq: Sequence, state: EvictionState) -> None:
         if state.queries:
@@ -195,17 +245,16 @@ class RKVPolicy(EvictionPolicy):
     def due(self, seq: Sequence, state: EvictionState) -> bool:
         return seq.num_output_tokens - state.compressed_at >= self.config.compress_interval
 
-    def select(self, seq: Sequence, state: EvictionState, first: int, limit: int) -> list[int]:
-        end = len(seq.block_table)
-        candidates = list(range(first, end - 1))
-        importance = self.attention(seq, state, list(state.queries))[first : end - 1] if state.queries else \
+    def select(self, seq: Sequence, state: EvictionState, owned: list[int], limit: int) -> list[int]:
+        candidates = owned[:-1]
+        importance = self.attention(seq, state, list(state.queries))[candidates] if state.queries else \
             torch.zeros(len(candidates))
         importance = importance / importance.sum().clamp_min(1e-12)
-        redundancy = self._redundancy(seq.block_table[first : end - 1]).softmax(0)
+        redundancy = self._redundancy([seq.block_table[i] for i in candidates]).softmax(0)
         lam = self.config.rkv_lambda
         score = lam * importance - (1 - lam) * redundancy
         best = score.topk(limit - 1).indices.tolist() if limit > 1 else []
-        return [candidates[i] for i in best] + [end - 1]
+        return [candidates[i] for i in best] + owned[-1:]
 
     def _redundancy(self, block_ids: list[int]) -> torch.Tensor:
         """Mean cosine similarity of each block's keys with the other blocks', averaged over layers."""
