@@ -73,10 +73,17 @@ def test_remap_shares_given_up_blocks_with_earlier_kept_ones(prompts, threshold)
                                                        remap_threshold=threshold)))
     for i, ids in enumerate(prompts[:4]):
         engine.add_request(str(i), ids, LONG)
+    share, pairs = engine.block_manager.share, []
+
+    def recording_share(seq, index, source_index):
+        pairs.append((index, source_index))
+        return share(seq, index, source_index)
+
+    engine.block_manager.share = recording_share
     cache = engine.block_manager.kv_caches[0][0]
     while engine.has_unfinished_requests():
         before = cache.clone()
-        written = {(seq.seq_id, seq.num_preemptions): set(seq.block_table[: seq.num_computed_tokens // 16])
+        written = {(seq.seq_id, seq.num_preemptions): set(seq.block_table[: seq.num_cached_kv_tokens // 16])
                    for seq in engine.scheduler.running}
         engine.step()
         check_ref_counts(engine)
@@ -94,8 +101,9 @@ def test_remap_shares_given_up_blocks_with_earlier_kept_ones(prompts, threshold)
     stats = engine.get_stats()
     assert engine.block_manager.num_used_blocks == 0 and not engine.policy.states
     assert stats["num_preemptions"] > 0
+    assert all(source < index for index, source in pairs)  # never itself, never a later entry
     if threshold == 0:
-        assert stats["blocks_shared"] > 8 and stats["blocks_evicted"] == 0
+        assert stats["blocks_shared"] == len(pairs) > 8 and stats["blocks_evicted"] == 0
     else:
         assert stats["blocks_shared"] == 0 and stats["blocks_evicted"] > 8
 
@@ -185,8 +193,10 @@ def test_policy_specs_parse_and_match():
 
 @pytest.mark.parametrize("field, value", [("share_ratio", 1.5), ("kv_budget", 0), ("kv_budget", 2.5),
                                           ("recent_fraction", -0.1), ("compress_interval", 0),
-                                          ("stage2", "manhattan"), ("stage1", "tfidf")])
+                                          ("stage2", "manhattan"), ("stage1", "tfidf"), ("remap_threshold", -1),
+                                          ("remap_threshold", "0.5")])
 def test_share_config_rejects_bad_baseline_parameters(field, value):
-    policy = {"share_ratio": "random", "recent_fraction": "h2o", "compress_interval": "rkv"}.get(field, "memshare")
+    policy = {"share_ratio": "random", "recent_fraction": "h2o", "compress_interval": "rkv",
+              "remap_threshold": "streamingllm"}.get(field, "memshare")
     with pytest.raises(ValueError, match=field):
         share_config("h2o" if field == "kv_budget" else policy, **{field: value})
