@@ -22,14 +22,18 @@ class ModelAccess:
     embed_tokens: Callable[[list[int]], torch.Tensor]
 
 
+def first_holders(block_table: list[int]) -> dict[int, int]:
+    """Physical block -> the first entry of `block_table` pointing at it: where its KV was written."""
+    holders: dict[int, int] = {}
+    for index, block_id in enumerate(block_table):
+        holders.setdefault(block_id, index)
+    return holders
+
+
 def duplicate_entries(seq: Sequence, start: int = 0) -> int:
     """Entries from `start` on that point at a physical block an earlier entry of the same table holds."""
-    seen = set(seq.block_table[:start])
-    count = 0
-    for block_id in seq.block_table[start:]:
-        count += block_id in seen
-        seen.add(block_id)
-    return count
+    holders = first_holders(seq.block_table)
+    return sum(holders[block_id] != index for index, block_id in enumerate(seq.block_table) if index >= start)
 
 
 class SharingPolicy:

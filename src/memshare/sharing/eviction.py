@@ -20,7 +20,7 @@ import torch
 
 from memshare.config import ShareConfig, check_fraction, check_positive, register_policy
 from memshare.engine.block_manager import BlockManager
-from memshare.engine.policy import ModelAccess, SharingPolicy
+from memshare.engine.policy import ModelAccess, SharingPolicy, first_holders
 from memshare.engine.sequence import Sequence
 from memshare.sharing.stage2 import local_scorer
 
@@ -148,13 +148,8 @@ class EvictionPolicy(SharingPolicy):
     @staticmethod
     def _owned(seq: Sequence, first: int) -> list[int]:
         # Remapped entries hold no block of their own: they neither count against the budget nor free anything.
-        seen = set(seq.block_table[:first])
-        owned = []
-        for i in range(first, len(seq.block_table)):
-            if seq.block_table[i] not in seen:
-                owned.append(i)
-            seen.add(seq.block_table[i])
-        return owned
+        holders = first_holders(seq.block_table)
+        return [i for i in range(first, len(seq.block_table)) if holders[seq.block_table[i]] == i]
 
     def _give_up(self, seq: Sequence, state: EvictionState, indices: list[int]) -> None:
         remapped = self._remap(seq, state, indices) if self.score is not None else set()
@@ -164,11 +159,9 @@ class EvictionPolicy(SharingPolicy):
     def _remap(self, seq: Sequence, state: EvictionState, indices: list[int]) -> set[int]:
         """Share each given-up entry with its most similar earlier kept entry at or above `remap_threshold`."""
         table, given = seq.block_table, set(indices)
-        holder: dict[int, int] = {}
-        for i, block_id in enumerate(table[:-1]):  # the last entry is still being written
-            holder.setdefault(block_id, i)
-        sources = sorted(i for i in holder.values() if i not in given)
-        if not sources or not indices:
+        last = len(table) - 1  # still being written
+        sources = sorted(i for i in first_holders(table).values() if i not in given and i != last)
+        if not sources:
             return set()
         entries = indices + sources
         similarity = self.score([table[e] for e in entries], [state.origins[e] for e in entries], len(indices))

@@ -19,7 +19,7 @@ import torch
 
 from memshare.config import ShareConfig, check_positive, register_policy
 from memshare.engine.block_manager import BlockManager
-from memshare.engine.policy import ModelAccess, SharingPolicy
+from memshare.engine.policy import ModelAccess, SharingPolicy, first_holders
 from memshare.engine.sequence import Sequence
 from memshare.sharing.stage1 import STAGE1_ENCODERS, StepIndex, make_encoder
 from memshare.sharing.stage2 import STAGE2_METRICS, Scorer, local_scorer
@@ -181,9 +181,7 @@ class MemSharePolicy(SharingPolicy):
 
     def _compare_and_share(self, seq: Sequence, queries: list[tuple[int, list[int]]]) -> None:
         table = seq.block_table
-        holder: dict[int, int] = {}  # physical block -> first entry holding it: where its KV was written
-        for i, block_id in enumerate(table):
-            holder.setdefault(block_id, i)
+        holder = first_holders(table)
         columns = sorted({holder[table[a]] for _, allowed in queries for a in allowed})
         column_of = {entry: j for j, entry in enumerate(columns)}
         entries = [b for b, _ in queries] + columns
