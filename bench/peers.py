@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -27,14 +28,14 @@ VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
 MAX_NEW_TOKENS = 256
 THREADS = 2
-PEERS = ("memshare", "vllm", "hf_generate", "hf_generate_batch")
+PEERS = ("memshare", "vllm", "vllm_compile", "hf_generate", "hf_generate_batch")
 # vLLM CPU defaults, overridable from the caller's environment. "auto" binding reserves a core for the
 # scheduler process, which leaves one OpenMP thread on this 2-core machine. KV space is set by _vllm_kv_gib.
 VLLM_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-# CPU attention wants block_size a multiple of 32; 128 is vLLM's CPU default. Eager because vLLM's CPU
-# torch.compile added ~70 s of start-up on every run (its AOT cache fails to reload under torch 2.13) and was
-# not faster here; pass --vllm-arg enforce_eager=false to measure it anyway.
+# CPU attention wants block_size a multiple of 32; 128 is vLLM's CPU default. "vllm" runs eager, "vllm_compile"
+# with vLLM's torch.compile path (~70 s more start-up on every run: its AOT cache fails to reload under torch 2.13).
 VLLM_ARGS: dict[str, Any] = {"block_size": 128, "enforce_eager": True}
+VLLM_PEER_ARGS: dict[str, dict[str, Any]] = {"vllm": {}, "vllm_compile": {"enforce_eager": False}}
 
 
 def math500_path() -> Path:
@@ -90,15 +91,15 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
             **extra, **os.environ}
 
 
-def _tree_memory(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) summed over a process and its descendants; PSS does not count shared pages twice."""
+def _tree_memory(pid: int, with_pss: bool) -> tuple[int, int]:
+    """(RSS, PSS or 0) summed over a process and its descendants; PSS does not count shared pages twice."""
     rss = pss = 0
     with contextlib.suppress(psutil.Error):
         root = psutil.Process(pid)
         for p in [root, *root.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                info = p.memory_full_info()
-                rss, pss = rss + info.rss, pss + info.pss
+                info = p.memory_full_info() if with_pss else p.memory_info()
+                rss, pss = rss + info.rss, pss + (info.pss if with_pss else 0)
     return rss, pss
 
 
@@ -119,12 +120,14 @@ def run_peer(peer: str, model: str, num_prompts: int = 32,
     extra_env: dict[str, str] = {}
     max_model_len = max(1024, max(map(len, prompts)) + MAX_NEW_TOKENS)
     kv_gib = _vllm_kv_gib(hf_dir, num_prompts, max_model_len)
-    if peer == "vllm":
+    if peer in VLLM_PEER_ARGS:
         python = ensure_vllm_venv()
         extra_env = {**VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}
-    spec = {"peer": peer, "model_dir": str(hf_dir), "prompts": prompts, "pad_id": tokenizer.pad_token_id,
+    spec = {"peer": "vllm" if peer in VLLM_PEER_ARGS else peer, "model_dir": str(hf_dir), "prompts": prompts,
+            "pad_id": tokenizer.pad_token_id,
             "max_new_tokens": MAX_NEW_TOKENS, "threads": THREADS, "kv_gib": kv_gib,
-            "vllm_args": {**VLLM_ARGS, "max_model_len": max_model_len, **(vllm_args or {})}}
+            "vllm_args": {**VLLM_ARGS, "max_model_len": max_model_len, **VLLM_PEER_ARGS.get(peer, {}),
+                          **(vllm_args or {})}}
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = Path(tmp, "spec.json"), Path(tmp, "result.json")
         spec["launched_at"] = time.time()
@@ -138,8 +141,12 @@ def run_peer(peer: str, model: str, num_prompts: int = 32,
         peak, done = [0, 0], threading.Event()
 
         def sample() -> None:
-            while not done.wait(0.2):
-                peak[:] = map(max, peak, _tree_memory(child.pid))
+            # PSS every 5 s only: reading it walks the page tables (61 ms for a 3.6 GB process), and every 0.2 s
+            # that took ~30% of a core from the engine being measured.
+            for tick in itertools.count(1):
+                if done.wait(0.2):
+                    break
+                peak[:] = map(max, peak, _tree_memory(child.pid, with_pss=tick % 25 == 0))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -151,11 +158,12 @@ def run_peer(peer: str, model: str, num_prompts: int = 32,
         result: dict[str, Any] = json.loads(result_path.read_text())
     result["peak_rss_mb"] = max(result["peak_rss_mb"], peak[0] / 2**20)
     result["peak_pss_mb"] = peak[1] / 2**20
+    result["engine"] = peer
     # Other load on the 2 cores skews the timings badly (OpenMP threads spin), so keep it with the numbers.
     result.update(num_prompts=num_prompts, loadavg_1m_at_start=load,
                   env={k: v for k, v in env.items() if k in {"OMP_NUM_THREADS", "LD_PRELOAD", *extra_env}
                        or k.startswith("VLLM_")}, python=str(python),
-                  **({"vllm_args": spec["vllm_args"]} if peer == "vllm" else {}))
+                  **({"vllm_args": spec["vllm_args"]} if peer in VLLM_PEER_ARGS else {}))
     return result
 
 

@@ -22,9 +22,10 @@ def save_tiny_model(path, config) -> None:
                             unk_token="w2").save_pretrained(path)
 
 
+@pytest.mark.parametrize("model_impl", ["auto", "transformers"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", [LlamaConfig(**SHAPE), Qwen2Config(**SHAPE)], ids=["llama", "qwen2"])
-def test_tiny_model_greedy_matches_hf(tmp_path, config, device):
+def test_tiny_model_greedy_matches_hf(tmp_path, config, device, model_impl):
     save_tiny_model(tmp_path, config)
     prompts = [[5 + i, 17, 42 + i, 99, 7] * (i + 1) for i in range(6)]
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(device)
@@ -36,7 +37,9 @@ def test_tiny_model_greedy_matches_hf(tmp_path, config, device):
                                      pad_token_id=0)
             expected.append(out[0, len(ids):].tolist())
     llm = LLM(model=str(tmp_path), device=device, dtype="float32", num_kv_blocks=24, block_size=8,
-              log_stats_interval=0)
+              model_impl=model_impl, log_stats_interval=0)
+    # "auto" runs the lean Llama-family forward, "transformers" the HF modules.
+    assert (llm.llm_engine.model_runner.paged_model is not None) == (model_impl == "auto")
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == expected

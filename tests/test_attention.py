@@ -1,10 +1,13 @@
 """Paged attention over scattered blocks equals dense causal attention over the same keys and values."""
 
+import copy
+
 import pytest
 import torch
 
 from memshare.layers import attention
 from memshare.layers.attention import AttentionMetadata, PrefillSpan, decode_attention, prefill_attention
+from memshare.layers.linear import prepack_linear_layers
 
 BLOCK_SIZE, KV_HEADS, HEADS, DIM, NUM_BLOCKS = 4, 2, 6, 8, 32
 
@@ -50,6 +53,9 @@ def test_paged_attention_matches_dense(path, monkeypatch):
     for row, (n, (_, k, v)) in enumerate(zip(lengths, seqs)):
         expected = dense_attention(q[row : row + 1], k, v, n - 1)
         torch.testing.assert_close(out[row : row + 1].double(), expected, atol=1e-5, rtol=1e-5)
+    # Fewer sequences than threads split by KV head instead: same results.
+    single = AttentionMetadata(meta.slot_mapping, 1, tables[1:2], meta.decode_context_lens[1:2], [])
+    torch.testing.assert_close(decode_attention(q[1:2], *caches, single, DIM**-0.5), out[1:2])
 
     table, k, v = seqs[3]
     for start in (0, 6):  # a fresh prompt, and a chunk after 6 cached tokens
@@ -58,3 +64,16 @@ def test_paged_attention_matches_dense(path, monkeypatch):
         span = PrefillSpan(0, 16 - start, 16, torch.tensor(table), mask)
         out = prefill_attention(q, *caches, span, DIM**-0.5)
         torch.testing.assert_close(out.double(), dense_attention(q, k, v, start), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_linear_matches_linear_and_replaces_every_linear():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 8, bias=False))
+    model = copy.deepcopy(reference).eval()
+    x = torch.randn(3, 5, 24, generator=generator)
+    with torch.inference_mode():
+        assert prepack_linear_layers(model) == 2
+        assert not any(type(m) is torch.nn.Linear for m in model.modules())
+        for rows in (x, x[0], x[:, 1]):  # 3-d, 2-d, and a strided view
+            torch.testing.assert_close(model(rows), reference(rows), atol=1e-5, rtol=1e-5)
+    assert prepack_linear_layers(reference.double()) == 0, "only float32 on CPU is packed"

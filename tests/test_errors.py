@@ -68,5 +68,7 @@ def test_kv_budget_too_small():
 def test_bad_engine_config():
     with pytest.raises(ValueError, match="block_size"):
         LLM(model=MODEL, block_size=0)
+    with pytest.raises(ValueError, match="model_impl must be one of"):
+        LLM(model=MODEL, model_impl="vllm")
     with pytest.raises(ValueError, match="kv_cache_memory"):
         LLM(model=MODEL, kv_cache_memory="lots")

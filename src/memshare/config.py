@@ -91,6 +91,9 @@ def check_positive(config: ShareConfig, *names: str) -> None:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
 
 
+MODEL_IMPLS = ("auto", "transformers")
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything the engine needs, flowing down from `LLM(...)` to scheduler, block manager and runner."""
@@ -106,6 +109,8 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     num_threads: int | None = None
+    # vLLM's name: "auto" runs memshare's own forward where the architecture has one, "transformers" the HF modules.
+    model_impl: str = "auto"
     log_stats_interval: float = 10.0
     share: ShareConfig = field(default_factory=ShareConfig)
 
@@ -117,6 +122,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, got {self.model_impl!r}")
         if not isinstance(self.share, ShareConfig):
             raise TypeError(f"share must be a ShareConfig, got {type(self.share).__name__}")
         registration(self.share.policy)

@@ -7,8 +7,10 @@ from memshare.engine.sequence import Sequence
 from memshare.errors import KVCacheTooSmallError
 from memshare.layers.attention import AttentionMetadata, PagedContext, PrefillSpan
 from memshare.layers.cpu_kernels import kernel_applies, paged_decode_kernel
+from memshare.layers.linear import prepack_linear_layers
 from memshare.layers.rotary import unrotate_neox
 from memshare.layers.sampler import Sampler
+from memshare.models.llama import PagedLlamaForCausalLM
 from memshare.models.loader import load_model
 
 logger = logging.getLogger("memshare")
@@ -23,6 +25,9 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         self.model, self.tokenizer, self.device = load_model(config)
+        self.paged_model = PagedLlamaForCausalLM(self.model) \
+            if config.model_impl == "auto" and PagedLlamaForCausalLM.applies(self.model) else None
+        prepack_linear_layers(self.paged_model or self.model)
         hf = self.model.config.get_text_config()
         self.num_layers = hf.num_hidden_layers
         self.num_kv_heads = hf.num_key_value_heads
@@ -104,6 +109,15 @@ class ModelRunner:
         meta = AttentionMetadata(self._tensor(slots), len(decode_tables), tables, self._tensor(decode_lens), prefills)
         return self._tensor(input_ids), self._tensor(positions), meta
 
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_rows: torch.Tensor,
+                paged: PagedContext) -> torch.Tensor:
+        """Logits [len(logits_rows), vocab] of the flat batch, through the lean forward where there is one."""
+        if self.paged_model is not None:
+            return self.paged_model(input_ids, positions, logits_rows, paged)
+        out = self.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
+                         logits_to_keep=logits_rows, paged=paged)
+        return out.logits[0]
+
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[int], list]:
         """Run one step; returns the sequences that reached their last token with their sampled tokens."""
@@ -116,10 +130,10 @@ class ModelRunner:
                 last_rows.append(row - 1)
                 sampled.append(seq)
         queries: list[torch.Tensor] | None = [] if self.capture_queries else None
-        out = self.model(input_ids=input_ids.unsqueeze(0), position_ids=positions.unsqueeze(0), use_cache=False,
-                         logits_to_keep=self._tensor(last_rows), paged=PagedContext(self.kv_caches, meta, queries))
+        paged = PagedContext(self.kv_caches, meta, queries)
+        logits = self.forward(input_ids, positions, self._tensor(last_rows), paged)
         self.decode_queries = torch.stack(queries, 1) if queries and meta.num_decodes else None
         if not sampled:
             return [], [], []
-        tokens, logprobs = self.sampler(out.logits[0], sampled)
+        tokens, logprobs = self.sampler(logits, sampled)
         return sampled, tokens, logprobs

@@ -8,7 +8,7 @@ from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
-from memshare.config import EngineConfig, ServerConfig, policy_names, registration, share_config
+from memshare.config import MODEL_IMPLS, EngineConfig, ServerConfig, policy_names, registration, share_config
 from memshare.errors import MemShareError
 from memshare.eval.datasets import DEFAULT_INSTRUCTION
 from memshare.sampling_params import SamplingParams
@@ -32,6 +32,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--dtype", default=defaults.dtype)
     parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument("--model-impl", default=defaults.model_impl, choices=MODEL_IMPLS,
+                        help="auto: memshare's lean forward for Llama-family models; transformers: the HF modules")
 
 
 def flag_fields() -> dict[str, tuple[Field, list[str]]]:
@@ -62,7 +64,7 @@ def share_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("kv_cache_memory", "num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
-             "max_model_len", "enable_prefix_caching", "device", "dtype", "num_threads")
+             "max_model_len", "enable_prefix_caching", "device", "dtype", "num_threads", "model_impl")
     kwargs = {name: getattr(args, name) for name in names}
     if hasattr(args, "share"):
         kwargs["share"] = share_config(args.share, **share_values(args))

@@ -83,29 +83,39 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out.transpose(0, 1)
 
 
-def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                            value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None,
-                            dropout: float = 0.0, paged: PagedContext | None = None, **kwargs):
-    """transformers attention function: query [1, heads, T, d], key/value [1, kv_heads, T, d] after RoPE."""
-    if paged is None:
-        raise RuntimeError("memshare paged attention called without a PagedContext (run the model via memshare)")
-    k_cache, v_cache = paged.kv_caches[module.layer_idx]
+def paged_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_idx: int, paged: PagedContext,
+                    scale: float) -> torch.Tensor:
+    """One layer over the flat batch: q [T, heads, d], key/value [T, kv_heads, d] after RoPE -> [T, heads, d].
+
+    Writes the new keys and values into their cache slots first, then attends through the block tables.
+    """
+    k_cache, v_cache = paged.kv_caches[layer_idx]
     meta = paged.metadata
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, key[0].transpose(0, 1))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, value[0].transpose(0, 1))
-    q = query[0].transpose(0, 1)  # [T, heads, d]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, key)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, value)
     if paged.decode_queries is not None:
         paged.decode_queries.append(q[: meta.num_decodes].clone())
-    scale = scaling if scaling is not None else head_dim**-0.5
     if not meta.prefills:
-        return decode_attention(q, k_cache, v_cache, meta, scale).unsqueeze(0), None
+        return decode_attention(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decodes:
         out[: meta.num_decodes] = decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
     for span in meta.prefills:
         out[span.query_start : span.query_end] = prefill_attention(
             q[span.query_start : span.query_end], k_cache, v_cache, span, scale)
+    return out
+
+
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None = None,
+                            dropout: float = 0.0, paged: PagedContext | None = None, **kwargs):
+    """transformers attention function: query [1, heads, T, d], key/value [1, kv_heads, T, d] after RoPE."""
+    if paged is None:
+        raise RuntimeError("memshare paged attention called without a PagedContext (run the model via memshare)")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = paged_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                          module.layer_idx, paged, scale)
     return out.unsqueeze(0), None
 
 

@@ -1,0 +1,89 @@
+"""A lean forward for Llama-family decoders (Llama, Mistral, Qwen2) over the flat paged batch.
+
+transformers' modules spend ~45 ms of a 215 ms batch-32 decode step of smollm2-135m in per-module Python
+(kwargs plumbing, mask and cache bookkeeping); torch.compile did not remove it on this CPU (docs/BENCHMARKS.md).
+This forward runs the same weights with Q/K/V and gate/up fused into one GEMM each and ~12 ops per layer.
+Other architectures keep the transformers modules.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from memshare.layers.attention import PagedContext, paged_attention
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def _fuse(*linears: nn.Linear) -> nn.Linear:
+    """One linear layer whose output is the concatenation of `linears`' outputs."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([linear.bias.detach() for linear in linears]), requires_grad=False)
+    return fused
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in HF's rotate-half convention; x [T, heads, d], cos/sin [T, 1, d]."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+class PagedDecoderLayer(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.layer_idx, self.scale, self.head_dim = attn.layer_idx, attn.scaling, attn.head_dim
+        self.q_size, self.kv_size = attn.q_proj.out_features, attn.k_proj.out_features
+        self.qkv_proj = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o_proj = attn.o_proj
+        self.gate_up_proj = _fuse(mlp.gate_proj, mlp.up_proj)
+        self.down_proj = mlp.down_proj
+        self.input_norm, self.post_attention_norm = layer.input_layernorm, layer.post_attention_layernorm
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, paged: PagedContext) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        x = _rms_norm(hidden, self.input_norm)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = _rotate(q.view(tokens, -1, self.head_dim), cos, sin)
+        k = _rotate(k.view(tokens, -1, self.head_dim), cos, sin)
+        attn = paged_attention(q, k, v.view(tokens, -1, self.head_dim), self.layer_idx, paged, self.scale)
+        hidden = hidden + self.o_proj(attn.view(tokens, self.q_size))
+        gate, up = self.gate_up_proj(_rms_norm(hidden, self.post_attention_norm)).chunk(2, dim=-1)
+        return hidden + self.down_proj(F.silu(gate) * up)
+
+
+def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+class PagedLlamaForCausalLM(nn.Module):
+    """The decoder of a loaded HF Llama-family model, run on the flat batch; takes over its decoder layers."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        base = model.model
+        self.embed_tokens, self.rotary_emb, self.norm, self.lm_head = \
+            base.embed_tokens, base.rotary_emb, base.norm, model.lm_head
+        self.layers = nn.ModuleList(PagedDecoderLayer(layer) for layer in base.layers)
+        # The fused copies replace the HF projections; dropping the HF layers keeps one copy of each weight.
+        base.layers = nn.ModuleList()
+
+    @staticmethod
+    def applies(model: PreTrainedModel) -> bool:
+        config = model.config
+        return config.model_type in ARCHITECTURES and config.hidden_act == "silu" and hasattr(model.model, "rotary_emb")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_rows: torch.Tensor,
+                paged: PagedContext) -> torch.Tensor:
+        """input_ids, positions [T] -> logits [len(logits_rows), vocab]."""
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(hidden, positions.unsqueeze(0))
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, paged)
+        return self.lm_head(_rms_norm(hidden.index_select(0, logits_rows), self.norm))
