@@ -56,7 +56,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     blocks (no copy to a heads-first layout, none of SDPA's per-call overhead at one query token).
     """
     if kernel_applies(k_cache) and (kernel := paged_decode_kernel()) is not None:
-        return kernel(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+        with torch.profiler.record_function("memshare::paged_decode"):  # named in profiles (bench/decode_profile.py)
+            return kernel(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
     keys = _gather(k_cache, meta.decode_block_tables)  # [B, L, kv_heads, d]
     values = _gather(v_cache, meta.decode_block_tables)
     num_kv_heads = keys.shape[2]

@@ -1,0 +1,124 @@
+"""Where a batched decode step's time goes, against this CPU's measured float32 roofline.
+
+    python -m bench.decode_profile [--model smollm2-135m] [--batch 32] [--context 245] [--out docs/bench/profile]
+
+Measures the roofline first (float32 GEMM of 2048^3 and a streaming read of 512 MB), then runs `--batch` greedy
+requests whose prompts are `--context` tokens of MATH-500 text, and profiles decode steps (engine.step, the
+public call) with torch.profiler: each linear layer shape with its GFLOP/s, the paged-attention kernel, other
+torch ops, and the remainder (Python, scheduling). Writes profile.json and prints a Markdown table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench.peers import THREADS, math500_prompts
+from memshare import SamplingParams
+from memshare.config import EngineConfig
+from memshare.engine.llm_engine import LLMEngine
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "bench" / "profile"
+GEMM_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def roofline() -> dict[str, float]:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    big = torch.randn(128 * 2**20)
+    return {"sgemm_gflops": 2 * 2048**3 / best_of(lambda: a @ b) / 1e9,
+            "read_gb_per_s": big.numel() * 4 / best_of(big.sum) / 1e9}
+
+
+def decode_prompts(engine: LLMEngine, batch: int, context: int) -> list[list[int]]:
+    text = [t for p in math500_prompts(engine.tokenizer, batch * 4) for t in p]
+    return [text[i * context : (i + 1) * context] for i in range(batch)]
+
+
+def profile_steps(engine: LLMEngine, steps: int) -> tuple[float, dict[str, float], dict[str, float]]:
+    """(wall ms per step, GEMM ms per step by shape, other op ms per step by name) over `steps` decode steps."""
+    gemm: dict[str, float] = defaultdict(float)
+    other: dict[str, float] = defaultdict(float)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall = (time.perf_counter() - start) / steps * 1e3
+    for event in prof.key_averages(group_by_input_shape=True):
+        ms = event.self_cpu_time_total / 1e3 / steps
+        if event.key in GEMM_OPS:
+            rows, cols = event.input_shapes[0], event.input_shapes[1]
+            gemm[f"{rows[-2] if len(rows) > 1 else 1}x{rows[-1]} @ {cols[0]}x{cols[1]}"] += ms
+        else:
+            other[event.key] += ms
+    return wall, dict(gemm), dict(other)
+
+
+def gflops(shape: str, ms: float) -> float:
+    (m, k), (n, _) = (tuple(map(int, part.split("x"))) for part in shape.split(" @ "))
+    return 2 * m * n * k / (ms / 1e3) / 1e9 if ms else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--context", type=int, default=245)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--model-impl", default="auto")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    roof = roofline()
+    engine = LLMEngine(EngineConfig(model=args.model, kv_cache_memory="2GiB", num_threads=THREADS,
+                                    max_num_seqs=args.batch, model_impl=args.model_impl, log_stats_interval=0))
+    params = SamplingParams(temperature=0, max_tokens=args.steps + 8, ignore_eos=True)
+    for i, prompt in enumerate(decode_prompts(engine, args.batch, args.context)):
+        engine.add_request(str(i), prompt, params)
+    prefill_steps = -(-args.batch * args.context // engine.config.max_num_batched_tokens)
+    start = time.perf_counter()
+    for _ in tqdm(range(prefill_steps), desc="prefill"):
+        engine.step()
+    prefill_s = time.perf_counter() - start
+    for _ in range(3):  # warm-up decode steps
+        engine.step()
+    wall, gemm, other = profile_steps(engine, args.steps)
+    attention = other.pop("memshare::paged_decode", 0.0)
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores", "model": args.model, "model_impl": args.model_impl, "batch": args.batch,
+        "context": args.context, "roofline": roof, "prefill_tokens_per_s": args.batch * args.context / prefill_s,
+        "step_ms": wall, "attention_ms": attention,
+        "gemm_ms": {shape: {"ms": ms, "gflops": gflops(shape, ms)} for shape, ms in sorted(gemm.items())},
+        "other_ops_ms": sum(other.values()),
+        "top_other_ops_ms": dict(sorted(other.items(), key=lambda kv: -kv[1])[:8]),
+    }
+    report["rest_ms"] = wall - sum(gemm.values()) - attention - report["other_ops_ms"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.model}-{args.model_impl}.json").write_text(json.dumps(report, indent=1))
+    print(f"roofline: float32 GEMM {roof['sgemm_gflops']:.0f} GFLOP/s, read {roof['read_gb_per_s']:.1f} GB/s; "
+          f"prefill {report['prefill_tokens_per_s']:.0f} tokens/s")
+    print(f"| part | ms / step |\n|---|---|\n| whole step (wall) | {wall:.1f} |")
+    for shape, ms in sorted(gemm.items(), key=lambda kv: -kv[1]):
+        print(f"| linear {shape} | {ms:.1f} ({gflops(shape, ms):.0f} GFLOP/s) |")
+    print(f"| paged attention kernel | {attention:.1f} |\n| other torch ops | {report['other_ops_ms']:.1f} |\n"
+          f"| rest (Python, scheduling, sampling) | {report['rest_ms']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
