@@ -50,9 +50,9 @@ def decode_prompts(engine: LLMEngine, batch: int, context: int) -> list[list[int
     return [text[i * context : (i + 1) * context] for i in range(batch)]
 
 
-def profile_steps(engine: LLMEngine, steps: int) -> tuple[float, dict[str, float], dict[str, float]]:
-    """(wall ms per step, GEMM ms per step by shape, other op ms per step by name) over `steps` decode steps."""
-    gemm: dict[str, float] = defaultdict(float)
+def profile_steps(engine: LLMEngine, steps: int) -> tuple[float, dict[str, tuple[float, int]], dict[str, float]]:
+    """(wall ms per step, (GEMM ms, calls) per step by shape, other op ms per step by name) over `steps` steps."""
+    gemm: dict[str, tuple[float, int]] = {}
     other: dict[str, float] = defaultdict(float)
     with torch.profiler.profile(record_shapes=True) as prof:
         start = time.perf_counter()
@@ -63,15 +63,17 @@ def profile_steps(engine: LLMEngine, steps: int) -> tuple[float, dict[str, float
         ms = event.self_cpu_time_total / 1e3 / steps
         if event.key in GEMM_OPS:
             rows, cols = event.input_shapes[0], event.input_shapes[1]
-            gemm[f"{rows[-2] if len(rows) > 1 else 1}x{rows[-1]} @ {cols[0]}x{cols[1]}"] += ms
+            shape = f"{rows[-2] if len(rows) > 1 else 1}x{rows[-1]} @ {cols[0]}x{cols[1]}"
+            ms_before, calls_before = gemm.get(shape, (0.0, 0))
+            gemm[shape] = (ms_before + ms, calls_before + event.count // steps)
         else:
             other[event.key] += ms
     return wall, dict(gemm), dict(other)
 
 
-def gflops(shape: str, ms: float) -> float:
+def gflops(shape: str, ms: float, calls: int) -> float:
     (m, k), (n, _) = (tuple(map(int, part.split("x"))) for part in shape.split(" @ "))
-    return 2 * m * n * k / (ms / 1e3) / 1e9 if ms else 0.0
+    return 2 * m * n * k * calls / (ms / 1e3) / 1e9 if ms else 0.0
 
 
 def main() -> None:
@@ -104,18 +106,19 @@ def main() -> None:
         f"{os.cpu_count()} cores", "model": args.model, "model_impl": args.model_impl, "batch": args.batch,
         "context": args.context, "roofline": roof, "prefill_tokens_per_s": args.batch * args.context / prefill_s,
         "step_ms": wall, "attention_ms": attention,
-        "gemm_ms": {shape: {"ms": ms, "gflops": gflops(shape, ms)} for shape, ms in sorted(gemm.items())},
+        "gemm_ms": {shape: {"ms": ms, "calls": calls, "gflops": gflops(shape, ms, calls)}
+                    for shape, (ms, calls) in sorted(gemm.items())},
         "other_ops_ms": sum(other.values()),
         "top_other_ops_ms": dict(sorted(other.items(), key=lambda kv: -kv[1])[:8]),
     }
-    report["rest_ms"] = wall - sum(gemm.values()) - attention - report["other_ops_ms"]
+    report["rest_ms"] = wall - sum(ms for ms, _ in gemm.values()) - attention - report["other_ops_ms"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.model}-{args.model_impl}.json").write_text(json.dumps(report, indent=1))
     print(f"roofline: float32 GEMM {roof['sgemm_gflops']:.0f} GFLOP/s, read {roof['read_gb_per_s']:.1f} GB/s; "
           f"prefill {report['prefill_tokens_per_s']:.0f} tokens/s")
     print(f"| part | ms / step |\n|---|---|\n| whole step (wall) | {wall:.1f} |")
-    for shape, ms in sorted(gemm.items(), key=lambda kv: -kv[1]):
-        print(f"| linear {shape} | {ms:.1f} ({gflops(shape, ms):.0f} GFLOP/s) |")
+    for shape, (ms, calls) in sorted(gemm.items(), key=lambda kv: -kv[1][0]):
+        print(f"| linear {shape} ×{calls} | {ms:.1f} ({gflops(shape, ms, calls):.0f} GFLOP/s) |")
     print(f"| paged attention kernel | {attention:.1f} |\n| other torch ops | {report['other_ops_ms']:.1f} |\n"
           f"| rest (Python, scheduling, sampling) | {report['rest_ms']:.1f} |")
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from memshare.layers import attention
+from memshare.layers import cpu_kernels, fused
 from memshare.layers.attention import AttentionMetadata, PrefillSpan, decode_attention, prefill_attention
 from memshare.layers.linear import prepack_linear_layers
 
@@ -36,9 +36,9 @@ def scatter(length: int, generator: torch.Generator, caches: tuple[torch.Tensor,
 @pytest.mark.parametrize("path", ["cpu_kernel", "torch"])
 def test_paged_attention_matches_dense(path, monkeypatch):
     if path == "torch":
-        monkeypatch.setattr(attention, "paged_decode_kernel", lambda: None)
+        monkeypatch.setattr(cpu_kernels, "cpu_ops", lambda: None)
     else:
-        assert attention.paged_decode_kernel() is not None, "the CPU kernel must compile on this machine"
+        assert cpu_kernels.cpu_ops() is not None, "the CPU kernels must compile on this machine"
     generator = torch.Generator().manual_seed(0)
     shape = (NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, DIM)
     caches = (torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
@@ -77,3 +77,46 @@ def test_packed_linear_matches_linear_and_replaces_every_linear():
         for rows in (x, x[0], x[:, 1]):  # 3-d, 2-d, and a strided view
             torch.testing.assert_close(model(rows), reference(rows), atol=1e-5, rtol=1e-5)
     assert prepack_linear_layers(reference.double()) == 0, "only float32 on CPU is packed"
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x.double().chunk(2, dim=-1)
+    return x.double() * cos.double()[:, None] + torch.cat((-second, first), dim=-1) * sin.double()[:, None]
+
+
+@pytest.mark.parametrize("path", ["cpu_kernel", "torch"])
+def test_fused_layer_ops_match_float64_reference(path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setattr(cpu_kernels, "cpu_ops", lambda: None)
+    generator = torch.Generator().manual_seed(0)
+    tokens, hidden, eps = 5, 24, 1e-6
+    x, residual, weight = (torch.randn(tokens, hidden, generator=generator) for _ in range(3))
+    weight = weight[0]
+
+    def norm_reference(y: torch.Tensor) -> torch.Tensor:
+        y = y.double()
+        return weight.double() * y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+
+    close(fused.rms_norm(x, weight, eps), norm_reference(x))
+    expected_residual = x.double() + residual.double()
+    normed, new_residual = fused.fused_add_rms_norm(x.clone(), residual.clone(), weight, eps)
+    close(new_residual, expected_residual)
+    close(normed, norm_reference(expected_residual))
+
+    # q and k are strided views of one fused QKV output, as in the lean forward.
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * DIM, generator=generator)
+    q, k, _ = qkv.clone().split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM], dim=-1)
+    angles = torch.randn(tokens, DIM // 2, generator=generator).repeat(1, 2)
+    rotated_q, rotated_k = fused.rotary_embedding(q.view(tokens, HEADS, DIM), k.view(tokens, KV_HEADS, DIM),
+                                                  angles.cos(), angles.sin())
+    q0, k0, _ = qkv.split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM], dim=-1)
+    close(rotated_q, rotate_reference(q0.view(tokens, HEADS, DIM), angles.cos(), angles.sin()))
+    close(rotated_k, rotate_reference(k0.view(tokens, KV_HEADS, DIM), angles.cos(), angles.sin()))
+
+    gate_up = torch.randn(tokens, 2 * hidden, generator=generator)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    close(fused.silu_and_mul(gate_up), gate * torch.sigmoid(gate) * up)

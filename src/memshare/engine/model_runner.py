@@ -6,7 +6,7 @@ from memshare.config import EngineConfig, parse_memory
 from memshare.engine.sequence import Sequence
 from memshare.errors import KVCacheTooSmallError
 from memshare.layers.attention import AttentionMetadata, PagedContext, PrefillSpan
-from memshare.layers.cpu_kernels import kernel_applies, paged_decode_kernel
+from memshare.layers.cpu_kernels import cpu_ops
 from memshare.layers.linear import prepack_linear_layers
 from memshare.layers.rotary import unrotate_neox
 from memshare.layers.sampler import Sampler
@@ -41,8 +41,8 @@ class ModelRunner:
         dtype = self.model.dtype
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(self.num_layers)]
-        if kernel_applies(self.kv_caches[0][0]):
-            paged_decode_kernel()  # compile or load now, not in the middle of the first request
+        if self.device.type == "cpu":
+            cpu_ops()  # compile or load the kernels now, not in the middle of the first request
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
         self.eos_token_ids.discard(None)

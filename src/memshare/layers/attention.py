@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from memshare.layers.cpu_kernels import kernel_applies, paged_decode_kernel
+from memshare.layers.cpu_kernels import cpu_ops, kernel_applies
 
 ATTN_IMPLEMENTATION = "memshare_paged"
 
@@ -55,9 +55,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     On CPU in float32, the fused kernel; elsewhere one bmm per KV head on strided views of the gathered
     blocks (no copy to a heads-first layout, none of SDPA's per-call overhead at one query token).
     """
-    if kernel_applies(k_cache) and (kernel := paged_decode_kernel()) is not None:
+    if kernel_applies(k_cache) and k_cache.is_contiguous():
         with torch.profiler.record_function("memshare::paged_decode"):  # named in profiles (bench/decode_profile.py)
-            return kernel(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale)
+            return cpu_ops().paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                          scale)
     keys = _gather(k_cache, meta.decode_block_tables)  # [B, L, kv_heads, d]
     values = _gather(v_cache, meta.decode_block_tables)
     num_kv_heads = keys.shape[2]

@@ -2,16 +2,17 @@
 
 transformers' modules spend ~45 ms of a 215 ms batch-32 decode step of smollm2-135m in per-module Python
 (kwargs plumbing, mask and cache bookkeeping); torch.compile did not remove it on this CPU (docs/BENCHMARKS.md).
-This forward runs the same weights with Q/K/V and gate/up fused into one GEMM each and ~12 ops per layer.
+This forward runs the same weights with Q/K/V and gate/up fused into one GEMM each, the residual add fused into
+RMSNorm, and 8 ops per layer (layers/fused.py).
 Other architectures keep the transformers modules.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
 from memshare.layers.attention import PagedContext, paged_attention
+from memshare.layers.fused import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -27,12 +28,6 @@ def _fuse(*linears: nn.Linear) -> nn.Linear:
     return fused
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in HF's rotate-half convention; x [T, heads, d], cos/sin [T, 1, d]."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
-
-
 class PagedDecoderLayer(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
@@ -44,21 +39,22 @@ class PagedDecoderLayer(nn.Module):
         self.gate_up_proj = _fuse(mlp.gate_proj, mlp.up_proj)
         self.down_proj = mlp.down_proj
         self.input_norm, self.post_attention_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.eps = layer.input_layernorm.variance_epsilon
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, paged: PagedContext) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                paged: PagedContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it), as vLLM passes them to fuse the add into the norm."""
         tokens = hidden.shape[0]
-        x = _rms_norm(hidden, self.input_norm)
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = _rotate(q.view(tokens, -1, self.head_dim), cos, sin)
-        k = _rotate(k.view(tokens, -1, self.head_dim), cos, sin)
+        if residual is None:
+            hidden, residual = rms_norm(hidden, self.input_norm.weight, self.eps), hidden
+        else:
+            hidden, residual = fused_add_rms_norm(hidden, residual, self.input_norm.weight, self.eps)
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = rotary_embedding(q.view(tokens, -1, self.head_dim), k.view(tokens, -1, self.head_dim), cos, sin)
         attn = paged_attention(q, k, v.view(tokens, -1, self.head_dim), self.layer_idx, paged, self.scale)
-        hidden = hidden + self.o_proj(attn.view(tokens, self.q_size))
-        gate, up = self.gate_up_proj(_rms_norm(hidden, self.post_attention_norm)).chunk(2, dim=-1)
-        return hidden + self.down_proj(F.silu(gate) * up)
-
-
-def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+        hidden, residual = fused_add_rms_norm(self.o_proj(attn.view(tokens, self.q_size)), residual,
+                                              self.post_attention_norm.weight, self.eps)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(hidden))), residual
 
 
 class PagedLlamaForCausalLM(nn.Module):
@@ -83,7 +79,9 @@ class PagedLlamaForCausalLM(nn.Module):
         """input_ids, positions [T] -> logits [len(logits_rows), vocab]."""
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(hidden, positions.unsqueeze(0))
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, paged)
-        return self.lm_head(_rms_norm(hidden.index_select(0, logits_rows), self.norm))
+            hidden, residual = layer(hidden, residual, cos[0], sin[0], paged)
+        hidden, _ = fused_add_rms_norm(hidden.index_select(0, logits_rows), residual.index_select(0, logits_rows),
+                                       self.norm.weight, self.norm.variance_epsilon)
+        return self.lm_head(hidden)
