@@ -5,7 +5,8 @@
 Measures the roofline first (float32 GEMM of 2048^3 and a streaming read of 512 MB), then runs `--batch` greedy
 requests whose prompts are `--context` tokens of MATH-500 text, and profiles decode steps (engine.step, the
 public call) with torch.profiler: each linear layer shape with its GFLOP/s, the paged-attention kernel, other
-torch ops, and the remainder (Python, scheduling). Writes profile.json and prints a Markdown table.
+torch ops, and the remainder (Python, scheduling). Also states the GEMM floor of bench/throughput.py's workload:
+its linear-layer FLOPs over the measured roofline. Writes {model}-{model_impl}.json and prints a Markdown table.
 """
 
 import argparse
@@ -18,11 +19,13 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoConfig
 
-from bench.peers import THREADS, math500_prompts
+from bench.peers import MAX_NEW_TOKENS, THREADS, math500_prompts
 from memshare import SamplingParams
 from memshare.config import EngineConfig
 from memshare.engine.llm_engine import LLMEngine
+from memshare.models.registry import resolve_model
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "bench" / "profile"
 GEMM_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
@@ -71,6 +74,22 @@ def profile_steps(engine: LLMEngine, steps: int) -> tuple[float, dict[str, tuple
     return wall, dict(gemm), dict(other)
 
 
+def workload_floor(model: str, engine: LLMEngine, gemm_gflops: float, num_prompts: int = 32) -> dict[str, float]:
+    """The throughput workload's (bench/throughput.py) linear-layer FLOPs and the tok/s they allow at the GEMM
+    roofline with nothing else taking time: no engine on this CPU in float32 can beat it."""
+    config = AutoConfig.from_pretrained(resolve_model(model)[0]).get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q, kv, hidden = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, config.hidden_size
+    layer_params = config.num_hidden_layers * (hidden * (2 * q + 2 * kv) + 3 * hidden * config.intermediate_size)
+    head_params = config.vocab_size * hidden
+    prompt_tokens = sum(map(len, math500_prompts(engine.tokenizer, num_prompts)))
+    decode_tokens = num_prompts * (MAX_NEW_TOKENS - 1)  # each first output token comes out of the prefill
+    gflop = 2 * ((prompt_tokens + decode_tokens) * layer_params + (num_prompts + decode_tokens) * head_params) / 1e9
+    seconds = gflop / gemm_gflops
+    return {"prompt_tokens": prompt_tokens, "gflop": gflop, "seconds": seconds,
+            "max_tokens_per_s": num_prompts * MAX_NEW_TOKENS / seconds}
+
+
 def gflops(shape: str, ms: float, calls: int) -> float:
     (m, k), (n, _) = (tuple(map(int, part.split("x"))) for part in shape.split(" @ "))
     return 2 * m * n * k * calls / (ms / 1e3) / 1e9 if ms else 0.0
@@ -112,10 +131,13 @@ def main() -> None:
         "top_other_ops_ms": dict(sorted(other.items(), key=lambda kv: -kv[1])[:8]),
     }
     report["rest_ms"] = wall - sum(ms for ms, _ in gemm.values()) - attention - report["other_ops_ms"]
+    report["workload_gemm_floor"] = floor = workload_floor(args.model, engine, roof["sgemm_gflops"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.model}-{args.model_impl}.json").write_text(json.dumps(report, indent=1))
     print(f"roofline: float32 GEMM {roof['sgemm_gflops']:.0f} GFLOP/s, read {roof['read_gb_per_s']:.1f} GB/s; "
           f"prefill {report['prefill_tokens_per_s']:.0f} tokens/s")
+    print(f"throughput workload: {floor['gflop']:.0f} GFLOP of linear layers = {floor['seconds']:.1f} s at the GEMM "
+          f"roofline, at most {floor['max_tokens_per_s']:.0f} output tok/s")
     print(f"| part | ms / step |\n|---|---|\n| whole step (wall) | {wall:.1f} |")
     for shape, (ms, calls) in sorted(gemm.items(), key=lambda kv: -kv[1][0]):
         print(f"| linear {shape} ×{calls} | {ms:.1f} ({gflops(shape, ms, calls):.0f} GFLOP/s) |")

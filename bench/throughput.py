@@ -1,10 +1,10 @@
 """Raw engine throughput, side by side on the same weights and prompts:
 
-memshare vs. vLLM CPU vs. transformers `generate` (static batch) vs. transformers `generate_batch`
-(continuous batching). Workload: the first 32 MATH-500 problems in the chat template, greedy, 256 new
+memshare vs. vLLM CPU (eager and torch.compile) vs. transformers `generate` (static batch) vs. transformers
+`generate_batch` (continuous batching). Workload: the first 32 MATH-500 problems in the chat template, greedy, 256 new
 tokens each with EOS ignored, float32, 2 threads; every engine in a fresh process of its own.
 
-    python -m bench.throughput [--models smollm2-135m,qwen2.5-coder-0.5b] [--peers ...] [--out docs/bench]
+    python -m bench.throughput [--models smollm2-135m,qwen2.5-coder-0.5b] [--peers ...] [--out docs/bench/throughput]
 
 Writes throughput.json and throughput.png to --out and prints a Markdown table of ratios.
 """
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=Path("docs/bench"))
+    parser.add_argument("--out", type=Path, default=Path("docs/bench/throughput"))
     args = parser.parse_args()
     jobs = [(m, p) for m in args.models.split(",") for p in args.peers.split(",")]
     results = []
