@@ -92,6 +92,8 @@ def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 def test_fused_layer_ops_match_float64_reference(path, monkeypatch):
     if path == "torch":
         monkeypatch.setattr(cpu_kernels, "cpu_ops", lambda: None)
+    else:
+        assert cpu_kernels.cpu_ops() is not None, "the CPU kernels must compile on this machine"
     generator = torch.Generator().manual_seed(0)
     tokens, hidden, eps = 5, 24, 1e-6
     x, residual, weight = (torch.randn(tokens, hidden, generator=generator) for _ in range(3))

@@ -41,7 +41,7 @@ class ModelRunner:
         dtype = self.model.dtype
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(self.num_layers)]
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and dtype == torch.float32:
             cpu_ops()  # compile or load the kernels now, not in the middle of the first request
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])

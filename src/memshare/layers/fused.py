@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from memshare.layers.cpu_kernels import cpu_ops, kernel_applies
+from memshare.layers.rotary import rotate_neox
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -31,12 +32,9 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     if kernel_applies(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
         cpu_ops().rotary_embedding(q, k, cos, sin)
         return q, k
-    return _rotate(q, cos.unsqueeze(1), sin.unsqueeze(1)), _rotate(k, cos.unsqueeze(1), sin.unsqueeze(1))
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
+    half = cos.shape[-1] // 2  # HF repeats the angles for both halves
+    cos, sin = cos[:, None, :half], sin[:, None, :half]
+    return rotate_neox(q, cos, sin), rotate_neox(k, cos, sin)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
