@@ -50,6 +50,7 @@ def register() -> None:
             raise RuntimeError(message)
         logger.warning("%s: MemShare stays off", message)
         return
+    api.install_worker_extension(lambda additional: share_config(additional) is not None)
     api.patch_engine_core(_attach, _after_step, {"memshare_stats": _core_stats,
                                                  "memshare_check_rows": _core_check_rows})
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from memshare.vllm_plugin.kv_layout import CellLayout, LayerKV, distinct_storages, owns_kv_heads
+
 SUPPORTED_VERSIONS = ("0.32.",)
 
 
@@ -86,10 +88,48 @@ def unsupported_features(core: Any) -> list[str]:
         problems.append("speculative decoding")
     if config.kv_transfer_config is not None:
         problems.append("KV connectors / disaggregated prefill")
-    parallel = config.parallel_config
-    if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
-        problems.append("tensor or pipeline parallelism (stage 2 would need the similarity summed over ranks)")
     return problems
+
+
+def worker_problems(core: Any) -> list[str]:
+    """Why a worker's KV cache cannot be read by stage 2, from every rank (empty: all can)."""
+    try:
+        found = collective_rpc(core)("memshare_check")
+    except AttributeError:
+        return [f"the workers lack memshare's extension: set worker_extension_cls={WORKER_EXTENSION!r} "
+                "(another extension class is configured, or the config was built without EngineArgs)"]
+    return sorted(set(sum(found, [])))
+
+
+def install_worker_extension(enabled: Callable[[dict], bool]) -> None:
+    """Set `parallel_config.worker_extension_cls` to memshare's worker class in every engine config built with
+    MemShare on (`enabled(additional_config)`), before vLLM creates its workers."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if getattr(EngineArgs, "_memshare_patched", False):
+        return
+    create_engine_config = EngineArgs.create_engine_config
+
+    def patched(self, *args, **kwargs) -> Any:
+        config = create_engine_config(self, *args, **kwargs)
+        if enabled(dict(config.additional_config or {})) and not config.parallel_config.worker_extension_cls:
+            config.parallel_config.worker_extension_cls = WORKER_EXTENSION
+        return config
+
+    EngineArgs.create_engine_config = patched
+    EngineArgs._memshare_patched = True
+
+
+def metric_labels(core: Any) -> tuple[str, int]:
+    """(model_name, engine index) as vLLM labels its own metrics."""
+    return core.vllm_config.model_config.served_model_name, getattr(core, "engine_index", 0)
+
+
+def no_common_prefix(output: Any) -> None:
+    """Cascade attention treats leading blocks whose ref_cnt equals the number of requests as a common prefix, which
+    a share inside one request can fake. vLLM 0.32 removed it (the field stays, empty); keep it empty for
+    out-of-tree workers that still read it."""
+    output.num_common_prefix_blocks = [0] * len(output.num_common_prefix_blocks)
 
 
 # ---- scheduler side: requests, block tables, the block pool
@@ -202,32 +242,111 @@ def tokenizer(core: Any) -> Any:
 
 # ---- worker side: the KV cache and the rotary embedding
 
-def kv_caches(worker: Any) -> list[torch.Tensor]:
-    """Per layer [num_blocks, kv_heads, block_size, 2 * head_dim] on the CPU backend."""
-    return worker.model_runner.kv_caches
+WORKER_EXTENSION = "memshare.vllm_plugin.worker.MemShareWorker"
+# Backends whose cell is [tokens, K ‖ V] in the logical view (each splits it with `.split(head_size, -1)`).
+SPLIT_CONTENT_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN", "FLEX_ATTENTION")
+CPU_BACKEND = "CPU_ATTN"
 
 
-def attention_isa(worker: Any) -> str | None:
+def attention_layers(worker: Any) -> dict[str, Any]:
+    """The attention modules of the (single) KV-cache group, by layer name."""
     runner = worker.model_runner
-    layer = runner.kv_cache_config.kv_cache_groups[0].layer_names[0]
-    return getattr(runner.compilation_config.static_forward_context[layer], "isa", None)  # set by the CPU backend
+    context = runner.compilation_config.static_forward_context
+    return {name: context[name] for name in runner.kv_cache_config.kv_cache_groups[0].layer_names}
 
 
-def read_kv(worker: Any, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of physical blocks, each [layers, blocks, block_size, kv_heads, head_dim].
+def unreadable_kv(worker: Any) -> list[str]:
+    """Why stage 2 cannot read this worker's KV cache, each as a message (empty: it can)."""
+    from vllm.v1.kv_cache_interface import AttentionSpec, KVQuantMode, MLAAttentionSpec
 
-    The CPU "vec" kernel stores each (block, head) as K column-major [head_dim, block_size] then V row-major
-    [block_size, head_dim].
-    """
-    keys, values = [], []
-    index = torch.tensor(block_ids, dtype=torch.long)
-    for cache in kv_caches(worker):
-        num_blocks, heads, bs, two_hd = cache.shape
-        hd = two_hd // 2
-        rows = cache.view(num_blocks, heads, 2 * bs * hd).index_select(0, index.to(cache.device))
-        keys.append(rows[..., :bs * hd].view(-1, heads, hd, bs).permute(0, 3, 1, 2))
-        values.append(rows[..., bs * hd:].view(-1, heads, bs, hd).permute(0, 2, 1, 3))
-    return torch.stack(keys).float().cpu(), torch.stack(values).float().cpu()
+    problems = []
+    for group in worker.model_runner.kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        if isinstance(spec, MLAAttentionSpec):
+            problems.append("MLA: the cache holds a shared latent, not per-head K and V to compare")
+        elif not isinstance(spec, AttentionSpec):
+            problems.append(f"KV-cache spec {type(spec).__name__}: not attention K/V")
+        elif spec.kv_quant_mode not in (KVQuantMode.NONE, KVQuantMode.FP8_PER_TENSOR):
+            problems.append(f"KV-cache quantization {spec.kv_quant_mode.name}: its scales are per token and head in "
+                            "a side cache, or its values packed; use --kv-cache-dtype auto, fp8, fp8_e4m3 or fp8_e5m2")
+        elif spec.num_head_slots is not None or spec.state_content_bytes is not None:
+            problems.append("a packed KV-cache page (head slots or content bytes set by the backend)")
+    backends = {layer.attn_backend.get_name() for layer in attention_layers(worker).values()}
+    problems += [f"attention backend {name}: its KV cell layout is not known to memshare" for name in sorted(backends)
+                 if name not in (*SPLIT_CONTENT_BACKENDS, CPU_BACKEND)]
+    return problems
+
+
+def fp8_storage_dtype(kv_cache_dtype: str, storage: torch.dtype) -> torch.dtype | None:
+    """The fp8 format a uint8 KV cache stores (None: the storage dtype is the value dtype)."""
+    if storage not in (torch.uint8, torch.int8) or not kv_cache_dtype.startswith("fp8"):
+        return None
+    if kv_cache_dtype == "fp8_e5m2":
+        return torch.float8_e5m2
+    from vllm.platforms import current_platform
+
+    return current_platform.fp8_dtype()
+
+
+def cpu_write(key: torch.Tensor, value: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, isa: str,
+              kv_cache_dtype: str) -> None:
+    """K/V [tokens, kv_heads, head_size] into `cache` [B, H, T, 2D] at `slots`, as CPU attention writes them."""
+    from vllm import _custom_ops as ops
+
+    num_blocks, heads, tokens, _ = cache.shape
+    key_cache, value_cache = cache.view(num_blocks, heads, 2 * tokens, -1).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, kv_cache_dtype=kv_cache_dtype)
+
+
+def cpu_cell_layout(isa: str, kv_cache_dtype: str, model_dtype: torch.dtype, cache: torch.Tensor,
+                    head_size: int) -> CellLayout:
+    """The cell layout of CPU attention's `isa` kernel, probed through vLLM's own reshape-and-cache op."""
+    tokens, content = cache.shape[2], cache.shape[3]
+    fp8 = fp8_storage_dtype(kv_cache_dtype, cache.dtype)
+
+    def write(key: torch.Tensor, value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        probe = torch.zeros(shape, dtype=cache.dtype, device=cache.device)
+        cpu_write(key.to(cache.device, model_dtype), value.to(cache.device, model_dtype), probe,
+                  torch.arange(tokens, device=cache.device), isa, kv_cache_dtype)
+        return probe
+
+    def read_cell(probe: torch.Tensor) -> torch.Tensor:
+        flat = probe.flatten()
+        return (flat.view(fp8) if fp8 is not None else flat).float().cpu()
+
+    return CellLayout.probe(write, read_cell, (1, 1, tokens, content), head_size)
+
+
+def cell_layout(worker: Any, layer: Any, cache: torch.Tensor) -> CellLayout:
+    """Where K and V sit in a (block, head) cell of this layer's cache."""
+    if layer.attn_backend.get_name() == CPU_BACKEND:
+        return cpu_cell_layout(layer.isa, layer.kv_cache_dtype, worker.model_config.dtype, cache, layer.head_size)
+    return CellLayout.split_content(cache.shape[2], layer.head_size, cache.shape[3] - layer.head_size)
+
+
+def layer_kv(worker: Any) -> list[LayerKV]:
+    """Every layer that owns its KV storage, with the layout to read it: a layer aliasing another's cache
+    (`kv_sharing_target_layer_name`) is left out, so each storage counts once."""
+    num_blocks = worker.model_runner.kv_cache_config.num_blocks
+    layers, aliases, cells = [], {}, {}
+    for name, layer in attention_layers(worker).items():
+        cache = layer.kv_cache
+        aliases[name] = layer.kv_sharing_target_layer_name
+        kind = (layer.attn_backend.get_name(), getattr(layer, "isa", None), tuple(cache.shape[2:]), cache.dtype,
+                layer.kv_cache_dtype)
+        if kind not in cells:
+            cells[kind] = cell_layout(worker, layer, cache)
+        fp8 = fp8_storage_dtype(layer.kv_cache_dtype, cache.dtype)
+        layers.append(LayerKV(name, cache, num_blocks, cells[kind], fp8, layer._k_scale_float, layer._v_scale_float))
+    return distinct_storages(layers, aliases)
+
+
+def counts_kv_heads(worker: Any) -> bool:
+    """Whether this rank's KV heads count in the similarity (False on a replica of another rank's heads)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    total = worker.model_config.get_total_num_kv_heads()
+    return owns_kv_heads(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(), total)
 
 
 def rotary(worker: Any) -> Any | None:

@@ -9,8 +9,9 @@ from typing import Any
 from memshare.config import ShareConfig
 from memshare.engine.policy import ModelAccess
 from memshare.sharing.memshare import MemSharePolicy
+from memshare.sharing.stage2 import combine, similarity
 from memshare.vllm_plugin import _vllm_api as api
-from memshare.vllm_plugin import worker
+from memshare.vllm_plugin.metrics import MemShareMetrics
 
 logger = logging.getLogger("memshare.vllm")
 
@@ -62,7 +63,7 @@ class VllmMemShare:
     scheduler's (a remapped request is sent as resumed, so its row is replaced)."""
 
     def __init__(self, core: Any, config: ShareConfig, log_interval: float = 10.0) -> None:
-        problems = api.unsupported_features(core) + sorted(set(sum(api.collective_rpc(core)(worker.check), [])))
+        problems = api.unsupported_features(core) + api.worker_problems(core)
         if config.policy != "memshare":
             problems.append(f"policy {config.policy!r} (the vLLM plugin runs 'memshare')")
         elif config.stage1 not in ("bow", "lsh"):
@@ -79,17 +80,22 @@ class VllmMemShare:
         self.pending_rows: set[str] = set()
         self.hash_caps: dict[str, int] = {}
         self.num_steps = self.sum_used = self.sum_logical = 0
+        self.sharing_seconds = 0.0
+        self.metrics = MemShareMetrics(*api.metric_labels(core))
         self._last_log = time.monotonic()
         api.cap_prefix_hashing(self.scheduler, self.hash_caps.get)
         api.wrap_scheduler(self.scheduler, self._after_schedule, self._before_free)
 
     def after_step(self) -> None:
+        start = time.perf_counter()
         running = [self._view(req) for req in api.running_requests(self.scheduler) if api.request_is_running(req)]
         self.policy.after_step(running)
         used = api.num_used_blocks(self.scheduler)
         self.num_steps += 1
         self.sum_used += used
         self.sum_logical += used + self.policy.saved_blocks(running)
+        self.sharing_seconds += time.perf_counter() - start
+        self.metrics.update(self.stats())
         if self.log_interval and time.monotonic() - self._last_log >= self.log_interval:
             self._last_log = time.monotonic()
             stats = self.stats()
@@ -98,7 +104,8 @@ class VllmMemShare:
 
     def stats(self) -> dict[str, float | int]:
         saved = 1 - self.sum_used / self.sum_logical if self.sum_logical else 0.0
-        return {**self.policy.stats(), "memory_saved_mean": saved, "num_steps": self.num_steps}
+        return {**self.policy.stats(), "memory_saved_mean": saved, "num_steps": self.num_steps,
+                "sharing_seconds": self.sharing_seconds}
 
     def check_worker_rows(self) -> list[str]:
         """Requests of the last step whose block ids on a worker differ from the scheduler's (empty: all agree).
@@ -106,7 +113,7 @@ class VllmMemShare:
         Call it before `after_step`: every earlier share must have reached the workers by then."""
         mismatches = []
         scheduled = api.last_scheduled(self.scheduler)
-        for rows in self.rpc(api.request_block_rows):
+        for rows in self.rpc("memshare_block_rows"):
             for request_id, (state_ids, batch_row) in rows.items():
                 req = api.request(self.scheduler, request_id)
                 if request_id not in scheduled or req is None or not api.request_is_running(req):
@@ -127,7 +134,10 @@ class VllmMemShare:
         return view
 
     def _score(self, block_ids, first_positions, m):
-        return self.rpc(worker.score_blocks, args=(list(block_ids), list(first_positions), m, self.config.stage2))[0]
+        """Each rank sums over its own KV heads and layers; the sums are combined here, then the similarity formed."""
+        args = (list(block_ids), list(first_positions), m, self.config.stage2)
+        parts = [part for part in self.rpc("memshare_partial_sums", args=args) if part is not None]
+        return similarity(combine(parts), self.config.stage2)
 
     def _shared(self, request_id: str) -> None:
         self.pending_rows.add(request_id)
@@ -136,6 +146,7 @@ class VllmMemShare:
         self.hash_caps.setdefault(request_id, cap)
 
     def _after_schedule(self, output: Any) -> None:
+        api.no_common_prefix(output)
         if self.pending_rows:
             self.pending_rows -= api.replace_rows(output, self.scheduler, self.pending_rows)
             # A preempted request is resumed with its whole (new) block list anyway.

@@ -1,7 +1,7 @@
-"""What runs on vLLM's workers, where the KV cache lives: stage 2 of MemShare and the start-up checks.
+"""What runs on vLLM's workers, where the KV cache lives: stage 2's partial sums, start-up checks, row reads.
 
-Each function takes the worker as its first argument and is sent by `collective_rpc` (by reference: this
-module is importable in every worker process).
+`MemShareWorker` is a vLLM worker extension (`worker_extension_cls`, which the plugin sets when MemShare is on):
+the engine core calls its methods by name through `collective_rpc`, on every tensor- and pipeline-parallel rank.
 """
 
 from typing import Any
@@ -9,21 +9,45 @@ from typing import Any
 import torch
 
 from memshare.layers.rotary import unrotate_neox
-from memshare.sharing.stage2 import block_similarity
+from memshare.sharing.stage2 import PartialSums, partial_sums
 from memshare.vllm_plugin import _vllm_api as api
 
 
-def check(worker: Any) -> list[str]:
-    """Reasons this worker's KV cache cannot be read by stage 2 (empty: it can)."""
-    problems = []
-    isa = api.attention_isa(worker)
-    if isa != "vec":
-        problems.append(f"attention kernel {isa!r}: only the CPU 'vec' layout "
-                        "(float32/float16 KV, block size a multiple of 32) is read by stage 2")
-    rope = api.rotary(worker)
-    if rope is not None and not rope.is_neox_style:
-        problems.append("GPT-J-style (interleaved) rotary embeddings")
-    return problems
+class MemShareWorker:
+    """Methods vLLM adds to its worker class; `self` is the worker."""
+
+    def memshare_check(self) -> list[str]:
+        """Reasons this worker's KV cache cannot be read by stage 2 (empty: it can); reads the layout once."""
+        problems = api.unreadable_kv(self)
+        rope = api.rotary(self)
+        if rope is not None and not rope.is_neox_style:
+            problems.append("GPT-J-style (interleaved) rotary embeddings: stage 2 undoes NeoX-style RoPE only")
+        if not problems:
+            self._memshare_layers = api.layer_kv(self)
+        return problems
+
+    def memshare_read_kv(self, block_ids: list[int],
+                         first_positions: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of blocks, each [layers, blocks, block_size, kv_heads, head_dim] float32 on the worker's device:
+        this rank's heads, each cache storage once; with `first_positions`, the keys' RoPE rotation undone."""
+        index = torch.tensor(block_ids, dtype=torch.long)
+        keys, values = (torch.stack(kv) for kv in zip(*(layer.read(index) for layer in self._memshare_layers)))
+        return (keys if first_positions is None else unrotate_keys(self, keys, first_positions)), values
+
+    def memshare_partial_sums(self, block_ids: list[int], first_positions: list[int], m: int,
+                              metric: str) -> PartialSums | None:
+        """Stage-2 sums of the first m blocks against the others over this rank's heads, moved to the host (a few
+        numbers per layer); None on a rank whose KV heads another rank already counts."""
+        if not api.counts_kv_heads(self):
+            return None
+        keys, values = self.memshare_read_kv(block_ids, first_positions)
+        names = [layer.name for layer in self._memshare_layers]
+        sums = partial_sums(keys[:, :m], values[:, :m], keys[:, m:], values[:, m:], metric, names)
+        return PartialSums(sums.layers, sums.cross.cpu(), sums.query_sq.cpu(), sums.key_sq.cpu())
+
+    def memshare_block_rows(self) -> dict[str, list[Any]]:
+        """Each request's block ids as this worker holds them: [request state's ids, input-batch row or None]."""
+        return api.request_block_rows(self)
 
 
 def unrotate_keys(worker: Any, keys: torch.Tensor, first_positions: list[int]) -> torch.Tensor:
@@ -33,13 +57,7 @@ def unrotate_keys(worker: Any, keys: torch.Tensor, first_positions: list[int]) -
         return keys
     bs = keys.shape[2]
     positions = (torch.tensor(first_positions).unsqueeze(1) + torch.arange(bs)).flatten()
-    cos, sin = rope.cos_sin_cache.index_select(0, positions.to(rope.cos_sin_cache.device)).float().cpu().chunk(2, -1)
+    cache = rope.cos_sin_cache
+    cos, sin = cache.index_select(0, positions.to(cache.device)).to(keys.device, torch.float32).chunk(2, -1)
     shape = (1, len(first_positions), bs, 1, -1)
     return unrotate_neox(keys, cos.view(shape), sin.view(shape))
-
-
-def score_blocks(worker: Any, block_ids: list[int], first_positions: list[int], m: int, metric: str) -> torch.Tensor:
-    """Stage-2 similarity [m, n - m] of the first m blocks with the others, read from this worker's cache."""
-    keys, values = api.read_kv(worker, block_ids)
-    keys = unrotate_keys(worker, keys, first_positions)
-    return block_similarity(keys[:, :m], values[:, :m], keys[:, m:], values[:, m:], metric)
