@@ -29,16 +29,14 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402
-from vllm.config import VllmConfig  # noqa: E402
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, process_dict_updates  # noqa: E402
 
 from memshare.eval.datasets import load_problems  # noqa: E402
 from memshare.eval.replay import read_trace_file, tokenize  # noqa: E402
 from memshare.models.registry import resolve_model  # noqa: E402
 from memshare.vllm_plugin import memshare_stats  # noqa: E402
+from memshare.vllm_plugin.forced import ForcedTokens  # noqa: E402
 
 PASSAGES = [
     "The river flows past the old mill every spring, carrying leaves and small branches down to the sea, where the "
@@ -50,45 +48,6 @@ PASSAGES = [
     "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the chloroplasts of the "
     "leaves, and the sugar feeds the growth of the whole plant.",
 ]
-
-
-class ForcedTokens(LogitsProcessor):
-    """Teacher forcing in vLLM's sampler: for a request whose `extra_args` carry `forced_token_ids`, every logit but
-    the next forced token's is masked, so any sampling yields that token; other requests are left untouched.
-
-    The next forced position is the number of output tokens so far. vLLM hands each added row a reference to the
-    request's running output list, and hands the same list again when the request is re-added (resumed after a
-    preemption, or after MemShare replaces its block-table row), so the position stays right across both."""
-
-    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
-        self.rows: dict[int, tuple[list[int], list[int]]] = {}  # batch row -> (forced tokens, output tokens so far)
-
-    @classmethod
-    def validate_params(cls, sampling_params: SamplingParams) -> None:
-        forced = (sampling_params.extra_args or {}).get("forced_token_ids")
-        if forced is not None and not (isinstance(forced, list) and forced and all(isinstance(t, int) for t in forced)):
-            raise ValueError("extra_args['forced_token_ids'] must be a non-empty list of token ids")
-
-    def is_argmax_invariant(self) -> bool:
-        return False  # it changes the argmax, so vLLM applies it under greedy sampling too
-
-    @staticmethod
-    def _row(params: SamplingParams, _: list[int] | None, output: list[int]) -> tuple[list[int], list[int]] | None:
-        forced = (params.extra_args or {}).get("forced_token_ids")
-        return (forced, output) if forced else None
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        # vLLM's own bookkeeping for sparse per-row state: removed, then added, then moved or swapped rows.
-        process_dict_updates(self.rows, batch_update, self._row)
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.rows:
-            rows = list(self.rows)
-            tokens = [forced[len(output)] for forced, output in self.rows.values()]
-            kept = logits[rows, tokens]
-            logits[rows] = float("-inf")
-            logits[rows, tokens] = kept
-        return logits
 
 
 def workload(name: str, tokenizer, args: argparse.Namespace) -> tuple[list[dict], list[SamplingParams]]:
@@ -120,6 +79,7 @@ def run(label: str, memshare: dict | None, prompts: list[dict], params: list[Sam
         extra["logits_processors"] = [ForcedTokens]
     llm = LLM(model=str(resolve_model(args.model)[0]), dtype="float32", block_size=32, enforce_eager=True,
               max_model_len=args.max_model_len, num_gpu_blocks_override=args.num_blocks, seed=0,
+              tensor_parallel_size=args.tensor_parallel_size, kv_cache_dtype=args.kv_cache_dtype,
               disable_log_stats=False, **extra)
     core = llm.llm_engine.engine_core.engine_core
     usage: list[tuple[float, float]] = []
@@ -159,6 +119,9 @@ def main() -> None:
     parser.add_argument("--response-field", default="response", help="response field of --traces")
     parser.add_argument("--limit", type=int, help="first N traces only")
     parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="vLLM ranks (on CPU, set VLLM_CPU_OMP_THREADS_BIND per rank, e.g. '0|1')")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="vLLM's: auto, fp8, fp8_e4m3, fp8_e5m2")
     parser.add_argument("--thresholds", default="0.7/0.62,0.5/0.5", help="step/block threshold pairs")
     parser.add_argument("--out", type=Path, default=Path("results/vllm_plugin"))
     args = parser.parse_args()

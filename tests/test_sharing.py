@@ -7,8 +7,9 @@ import torch
 
 from memshare import LLM, EngineConfig, MemShareConfig, SamplingParams, share_config
 from memshare.sharing.stage1 import LSHStepIndex, StepIndex, cosine
-from memshare.sharing.stage2 import block_similarity
+from memshare.sharing.stage2 import block_similarity, combine, partial_sums, similarity
 from memshare.sharing.steps import SplitState, StepSplitter
+from memshare.vllm_plugin.kv_layout import owns_kv_heads
 
 from .conftest import MODEL
 from .test_engine import GREEDY, token_ids
@@ -44,6 +45,33 @@ def test_stage2_matches_float64_reference():
     torch.testing.assert_close(got.double(), reference_similarity(qk, qv, k, v), atol=1e-5, rtol=0)
     assert got[1, 2] == pytest.approx(1.0, abs=1e-6)
     assert got[0, 4] > 0.98 and got[0, 0] < 0.8
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_partial_sums_over_split_heads_layers_and_replicas_combine_to_the_full_score(metric):
+    """Tensor parallelism splits the KV heads, pipeline stages the layers; with more ranks than KV heads a head is on
+    several ranks and must count once. Each way, the ranks' sums combine to the score of the whole cache."""
+    gen = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(2, 4, 6, 8, 4, 16, generator=gen).unbind(0)  # [layers, blocks, bs, heads, dim]
+    names = [f"layers.{i}" for i in range(4)]
+
+    def sums(layers: slice, heads: slice):
+        k, v = keys[layers, :, :, heads], values[layers, :, :, heads]
+        return partial_sums(k[:, :2], v[:, :2], k[:, 2:], v[:, 2:], metric, names[layers])
+
+    full = similarity(sums(slice(None), slice(None)), metric)
+    torch.testing.assert_close(full, block_similarity(keys[:, :2], values[:, :2], keys[:, 2:], values[:, 2:], metric))
+    by_heads = combine([sums(slice(None), slice(0, 2)), sums(slice(None), slice(2, 4))])
+    by_layers = combine([sums(slice(2, 4), slice(None)), sums(slice(0, 2), slice(None))])
+    tp, per_rank = 8, [slice(h, h + 1) for h in range(4) for _ in range(2)]  # 8 ranks, each head on 2 of them
+    replicated = combine([sums(slice(None), heads) for rank, heads in enumerate(per_rank)
+                          if owns_kv_heads(rank, tp, total_kv_heads=4)])
+    for parts in (by_heads, by_layers, replicated):
+        torch.testing.assert_close(similarity(parts, metric), full, atol=1e-5, rtol=0)
+    every_replica = combine([sums(slice(None), heads) for heads in per_rank])
+    assert not torch.allclose(every_replica.cross, by_heads.cross)  # counting replicas twice would change the sums
+    with pytest.raises(ValueError, match="no partial sums"):
+        combine([])
 
 
 def test_stage1_cosine_candidates_best_first_and_capped():

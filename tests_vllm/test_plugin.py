@@ -14,11 +14,12 @@ from vllm import LLM, SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 import memshare.vllm_plugin as plugin
-from bench.vllm_plugin import ForcedTokens, workload
+from bench.vllm_plugin import workload
 from memshare.eval.replay import TraceFileError
 from memshare.models.registry import resolve_model
 from memshare.vllm_plugin import _vllm_api as api
 from memshare.vllm_plugin import memshare_stats
+from memshare.vllm_plugin.forced import ForcedTokens
 
 PASSAGE = ("The river flows past the old mill every spring, carrying leaves and small branches down to the sea, "
            "where the fishermen wait for the tide to turn before they row out to the nets.\n\n")

@@ -22,16 +22,28 @@ logger = logging.getLogger("memshare.vllm")
 _registered = False
 
 
-def share_config(additional_config: dict) -> ShareConfig | None:
-    """The ShareConfig an engine asks for (additional_config["memshare"], else the environment), or None."""
+def _fields(additional_config: dict) -> dict | None:
     fields = additional_config.get("memshare")
     if fields is None and os.environ.get("MEMSHARE_POLICY", "none") != "none":
         fields = {"policy": os.environ["MEMSHARE_POLICY"], **json.loads(os.environ.get("MEMSHARE_CONFIG", "{}"))}
-    if fields is None or fields.get("policy", "memshare") == "none":
-        return None
-    if not isinstance(fields, dict):
+    if fields is not None and not isinstance(fields, dict):
         raise ValueError(f"additional_config['memshare'] must be a dict of MemShareConfig fields, got {fields!r}")
-    return make_share_config(**{"policy": "memshare", **fields})
+    return None if fields is None or fields.get("policy", "memshare") == "none" else fields
+
+
+def share_config(additional_config: dict) -> ShareConfig | None:
+    """The ShareConfig an engine asks for (additional_config["memshare"], else the environment), or None.
+
+    Besides MemShareConfig's fields, `"verify": true` checks after every step that every rank's block-table rows
+    equal the scheduler's and that vLLM's free blocks rose by exactly the blocks shared (counted in the stats)."""
+    fields = _fields(additional_config)
+    if fields is None:
+        return None
+    return make_share_config(**{"policy": "memshare", **{k: v for k, v in fields.items() if k != "verify"}})
+
+
+def verify_requested(additional_config: dict) -> bool:
+    return bool((_fields(additional_config) or {}).get("verify", False))
 
 
 def register() -> None:
@@ -59,8 +71,9 @@ def _attach(core: Any) -> None:
     from memshare.vllm_plugin import _vllm_api as api
     from memshare.vllm_plugin.core import VllmMemShare
 
-    config = share_config(api.additional_config(core))
-    core._memshare = None if config is None else VllmMemShare(core, config)
+    additional = api.additional_config(core)
+    config = share_config(additional)
+    core._memshare = None if config is None else VllmMemShare(core, config, verify_requested(additional))
     if core._memshare is not None:
         logger.info("MemShare on: step_threshold=%s block_threshold=%s stage1=%s", config.step_threshold,
                     config.block_threshold, config.stage1)

@@ -79,9 +79,6 @@ def unsupported_features(core: Any) -> list[str]:
     if is_async(core):
         problems.append("async scheduling (a freed duplicate may still be read by the step in flight); "
                         "pass async_scheduling=False / --no-async-scheduling")
-    if getattr(config, "use_v2_model_runner", False):
-        problems.append("the V2 model runner (it does not replace block-table rows of resumed requests); "
-                        "unset VLLM_USE_V2_MODEL_RUNNER")
     if len(core.scheduler.kv_cache_config.kv_cache_groups) != 1:
         problems.append("more than one KV-cache group (sliding-window or hybrid models)")
     if config.speculative_config is not None:
@@ -125,13 +122,6 @@ def metric_labels(core: Any) -> tuple[str, int]:
     return core.vllm_config.model_config.served_model_name, getattr(core, "engine_index", 0)
 
 
-def no_common_prefix(output: Any) -> None:
-    """Cascade attention treats leading blocks whose ref_cnt equals the number of requests as a common prefix, which
-    a share inside one request can fake. vLLM 0.32 removed it (the field stays, empty); keep it empty for
-    out-of-tree workers that still read it."""
-    output.num_common_prefix_blocks = [0] * len(output.num_common_prefix_blocks)
-
-
 # ---- scheduler side: requests, block tables, the block pool
 
 def block_size(sched: Any) -> int:
@@ -157,11 +147,6 @@ def computed_tokens(req: Any) -> int:
     return req.num_computed_tokens - getattr(req, "num_in_flight_tokens", 0)
 
 
-def last_scheduled(sched: Any) -> set[str]:
-    """Requests the last schedule() sent to the workers."""
-    return set(sched.prev_step_scheduled_req_ids)
-
-
 def request_blocks(sched: Any, request_id: str) -> list[Any]:
     """The live block list of the request's single KV-cache group."""
     return sched.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[request_id]
@@ -183,6 +168,10 @@ def remap(sched: Any, request_id: str, index: int, source_index: int) -> None:
 
 def num_cached_blocks(sched: Any, request_id: str) -> int:
     return sched.kv_cache_manager.coordinator.single_type_managers[0].num_cached_block.get(request_id, 0)
+
+
+def num_free_blocks(sched: Any) -> int:
+    return sched.kv_cache_manager.block_pool.get_num_free_blocks()
 
 
 def num_used_blocks(sched: Any) -> int:
@@ -220,9 +209,22 @@ def wrap_scheduler(sched: Any, after_schedule: Callable[[Any], None],
     sched.schedule, sched._free_request = patched_schedule, patched_free_request
 
 
-def replace_rows(output: Any, sched: Any, request_ids: set[str]) -> set[str]:
-    """Send the full block list of each scheduled request in `request_ids` as resumed, so the worker replaces
-    its block-table row instead of appending to it. Returns the ids handled."""
+def uses_v2_runner(core: Any) -> bool:
+    return bool(getattr(core.vllm_config, "use_v2_model_runner", False))
+
+
+def scheduled_ids(output: Any) -> set[str]:
+    return set(output.num_scheduled_tokens)
+
+
+def replace_rows(output: Any, sched: Any, request_ids: set[str], v2_runner: bool) -> set[str]:
+    """Make the workers replace the block-table row of each scheduled request in `request_ids` with its full block
+    list, instead of appending to it. Returns the ids handled (the others were not scheduled this step)."""
+    return (_replace_rows_v2 if v2_runner else _replace_rows_v1)(output, sched, request_ids)
+
+
+def _replace_rows_v1(output: Any, sched: Any, request_ids: set[str]) -> set[str]:
+    # The V1 runner replaces the whole row of a request sent as resumed.
     cached = output.scheduled_cached_reqs
     done = set()
     for k, request_id in enumerate(cached.req_ids):
@@ -232,6 +234,37 @@ def replace_rows(output: Any, sched: Any, request_ids: set[str]) -> set[str]:
             cached.all_token_ids.setdefault(request_id, list(sched.requests[request_id].all_token_ids))
             done.add(request_id)
     return done
+
+
+def _replace_rows_v2(output: Any, sched: Any, request_ids: set[str]) -> set[str]:
+    """The V2 runner only appends to rows of cached requests; vLLM's own V2 resume drops the request's state
+    (`preempted_req_ids`) and re-adds it as a `NewRequestData` whose block list overwrites the row. Its computed
+    tokens stay computed: only the step's scheduled tokens run, no KV is recomputed."""
+    from vllm.v1.core.sched.output import NewRequestData
+
+    cached = output.scheduled_cached_reqs
+    moved = set()
+    keep = []
+    for k, request_id in enumerate(cached.req_ids):
+        if request_id not in request_ids or request_id in cached.resumed_req_ids:
+            keep.append(k)
+            continue
+        req = sched.requests[request_id]
+        new = NewRequestData.from_request(req, sched.kv_cache_manager.get_block_ids(request_id),
+                                          list(req.all_token_ids), uses_mrope=sched.model_uses_mrope)
+        new.num_computed_tokens = cached.num_computed_tokens[k]  # schedule() already advanced the request's own
+        output.scheduled_new_reqs.append(new)
+        moved.add(request_id)
+    if moved:
+        count = len(cached.req_ids)
+        for name in ("req_ids", "new_token_ids", "new_block_ids", "num_computed_tokens", "num_output_tokens"):
+            values = getattr(cached, name)
+            if len(values) == count:  # new_token_ids is filled only under pipeline parallelism
+                setattr(cached, name, [values[k] for k in keep])
+        cached.__dict__.pop("_req_id_to_num_output_tokens", None)  # a cached_property over the old lists
+        output.preempted_req_ids = set(output.preempted_req_ids or ()) | moved
+    resumed = {r.req_id for r in output.scheduled_new_reqs} & request_ids  # a resumed request's list is whole
+    return moved | resumed
 
 
 def tokenizer(core: Any) -> Any:
@@ -357,9 +390,15 @@ def rotary(worker: Any) -> Any | None:
     return None
 
 
-def request_block_rows(worker: Any) -> dict[str, list[int]]:
-    """Each request's block ids as the worker holds them: its request state and its input-batch row."""
+def request_block_rows(worker: Any) -> dict[str, list[Any]]:
+    """Each request's block ids as the worker holds them: [request state's ids, input-batch row or None]."""
     runner = worker.model_runner
+    if hasattr(runner, "req_states"):  # the V2 runner: one staged table, no per-request list
+        tables, rows = runner.block_tables, {}
+        for request_id, index in runner.req_states.req_id_to_index.items():
+            row = tables.block_tables[0].gpu[index, :int(tables.num_blocks.np[0, index])].tolist()
+            rows[request_id] = [row, None]
+        return rows
     batch = runner.input_batch
     table = batch.block_table.block_tables[0]
     rows = {}

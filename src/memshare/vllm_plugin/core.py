@@ -62,7 +62,7 @@ class VllmMemShare:
     """Per EngineCore: runs the policy after each step and keeps the workers' block tables equal to the
     scheduler's (a remapped request is sent as resumed, so its row is replaced)."""
 
-    def __init__(self, core: Any, config: ShareConfig, log_interval: float = 10.0) -> None:
+    def __init__(self, core: Any, config: ShareConfig, verify: bool = False, log_interval: float = 10.0) -> None:
         problems = api.unsupported_features(core) + api.worker_problems(core)
         if config.policy != "memshare":
             problems.append(f"policy {config.policy!r} (the vLLM plugin runs 'memshare')")
@@ -70,9 +70,12 @@ class VllmMemShare:
             problems.append(f"stage1={config.stage1!r} (the vLLM plugin runs 'bow' or 'lsh')")
         if problems:
             raise ValueError("MemShare cannot run with this vLLM configuration: " + "; ".join(problems))
-        self.core, self.config, self.log_interval = core, config, log_interval
+        self.core, self.config, self.verify, self.log_interval = core, config, verify, log_interval
+        self.verified = {"rows_checked": 0, "row_mismatches": 0, "free_block_mismatches": 0}
         self.scheduler = api.scheduler(core)
         self.rpc = api.collective_rpc(core)
+        self.v2_runner = api.uses_v2_runner(core)
+        self.last_scheduled: set[str] = set()
         self.blocks = VllmBlocks(self.scheduler, self._shared)
         tokenizer = api.tokenizer(core)
         self.policy = MemSharePolicy(config, self.blocks, ModelAccess(tokenizer.decode, None, None), self._score)
@@ -87,6 +90,12 @@ class VllmMemShare:
         api.wrap_scheduler(self.scheduler, self._after_schedule, self._before_free)
 
     def after_step(self) -> None:
+        if self.verify:
+            self._verified_step()
+        else:
+            self._step()
+
+    def _step(self) -> None:
         start = time.perf_counter()
         running = [self._view(req) for req in api.running_requests(self.scheduler) if api.request_is_running(req)]
         self.policy.after_step(running)
@@ -102,17 +111,27 @@ class VllmMemShare:
             logger.info("MemShare: %d blocks shared, memory saved %.1f%% (mean), affected ratio %.1f%%",
                         stats["blocks_shared"], 100 * stats["memory_saved_mean"], 100 * stats["affected_ratio"])
 
+    def _verified_step(self) -> None:
+        """`verify: true`: before the step's shares, every rank's rows must equal the scheduler's (all earlier shares
+        reached the workers); after them, vLLM's free blocks must have risen by exactly the blocks shared."""
+        self.verified["row_mismatches"] += len(self.check_worker_rows())
+        self.verified["rows_checked"] += len(self.last_scheduled)
+        free, shared = api.num_free_blocks(self.scheduler), self.policy.blocks_shared
+        self._step()
+        freed = api.num_free_blocks(self.scheduler) - free
+        self.verified["free_block_mismatches"] += freed != self.policy.blocks_shared - shared
+
     def stats(self) -> dict[str, float | int]:
         saved = 1 - self.sum_used / self.sum_logical if self.sum_logical else 0.0
         return {**self.policy.stats(), "memory_saved_mean": saved, "num_steps": self.num_steps,
-                "sharing_seconds": self.sharing_seconds}
+                "sharing_seconds": self.sharing_seconds, **(self.verified if self.verify else {})}
 
     def check_worker_rows(self) -> list[str]:
         """Requests of the last step whose block ids on a worker differ from the scheduler's (empty: all agree).
 
         Call it before `after_step`: every earlier share must have reached the workers by then."""
         mismatches = []
-        scheduled = api.last_scheduled(self.scheduler)
+        scheduled = self.last_scheduled
         for rows in self.rpc("memshare_block_rows"):
             for request_id, (state_ids, batch_row) in rows.items():
                 req = api.request(self.scheduler, request_id)
@@ -146,9 +165,9 @@ class VllmMemShare:
         self.hash_caps.setdefault(request_id, cap)
 
     def _after_schedule(self, output: Any) -> None:
-        api.no_common_prefix(output)
+        self.last_scheduled = api.scheduled_ids(output)
         if self.pending_rows:
-            self.pending_rows -= api.replace_rows(output, self.scheduler, self.pending_rows)
+            self.pending_rows -= api.replace_rows(output, self.scheduler, self.pending_rows, self.v2_runner)
             # A preempted request is resumed with its whole (new) block list anyway.
             self.pending_rows = {r for r in self.pending_rows
                                  if (req := api.request(self.scheduler, r)) is not None and api.request_is_running(req)}

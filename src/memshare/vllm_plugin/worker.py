@@ -45,6 +45,17 @@ class MemShareWorker:
         sums = partial_sums(keys[:, :m], values[:, :m], keys[:, m:], values[:, m:], metric, names)
         return PartialSums(sums.layers, sums.cross.cpu(), sums.query_sq.cpu(), sums.key_sq.cpu())
 
+    def memshare_describe(self) -> dict[str, Any]:
+        """What this rank found: runner, attention backend, KV dtype, cell layout, layers read, heads counted."""
+        layers = self._memshare_layers
+        first = next(iter(api.attention_layers(self).values()))
+        cell = layers[0].cell
+        split = bool((cell.key_index[0] == cell.key_index.new_tensor(range(cell.key_index.shape[1]))).all())
+        return {"runner": type(self.model_runner).__module__, "backend": first.attn_backend.get_name(),
+                "isa": getattr(first, "isa", None), "kv_cache_dtype": first.kv_cache_dtype,
+                "cache": [str(layers[0].cache.dtype), *layers[0].cache.shape], "cell": "K|V" if split else "probed",
+                "layers_read": len(layers), "heads_counted": api.counts_kv_heads(self)}
+
     def memshare_block_rows(self) -> dict[str, list[Any]]:
         """Each request's block ids as this worker holds them: [request state's ids, input-batch row or None]."""
         return api.request_block_rows(self)
