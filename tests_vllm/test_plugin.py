@@ -19,7 +19,9 @@ from memshare.eval.replay import TraceFileError
 from memshare.models.registry import resolve_model
 from memshare.vllm_plugin import _vllm_api as api
 from memshare.vllm_plugin import memshare_stats
+from memshare.vllm_plugin.check import SHARING as SHARING_CHECK
 from memshare.vllm_plugin.forced import ForcedTokens
+from tests_vllm.forced_runs import forced_run
 
 PASSAGE = ("The river flows past the old mill every spring, carrying leaves and small branches down to the sea, "
            "where the fishermen wait for the tide to turn before they row out to the nets.\n\n")
@@ -276,3 +278,45 @@ def test_bad_trace_file_names_the_line(tmp_path):
                            num_requests=0, max_model_len=64)
     with pytest.raises(TraceFileError, match="bad.jsonl:2: not JSON"):
         workload("traces", None, args)
+
+
+def test_fp8_kv_cache_shares_with_scores_near_float32s_and_forced_outputs():
+    """`--kv-cache-dtype fp8` (e4m3, uint8 storage) on CPU attention: stage 2 reads the fp8 cache, its scores on the
+    same blocks are within fp8 rounding of the float32 cache's, sharing happens and outputs equal the forced tokens."""
+    runs = {dtype: forced_run(make_llm(SHARING_CHECK, kv_cache_dtype=dtype, logits_processors=[ForcedTokens],
+                                       num_gpu_blocks_override=64)) for dtype in ("auto", "fp8")}
+    full, fp8 = runs["auto"], runs["fp8"]
+    assert fp8["ranks"][0]["cache"][0] == "torch.uint8" and fp8["ranks"][0]["kv_cache_dtype"] == "fp8"
+    assert fp8["stats"]["blocks_shared"] > 0 and fp8["outputs_forced"]
+    assert fp8["stats"]["row_mismatches"] == 0 and fp8["stats"]["free_block_mismatches"] == 0
+    common = full["scores"].keys() & fp8["scores"].keys()
+    assert common
+    differences = [(full["scores"][key] - fp8["scores"][key]).abs().max().item() for key in common]
+    assert 0 < max(differences) < 0.02  # fp8 changes the scores, by its rounding only
+
+
+V2_RUNNER = """
+import json
+import tests_vllm.conftest
+import tests_vllm.triton_interpreter
+from tests_vllm.forced_runs import forced_run
+from tests_vllm.test_plugin import SHARING_CHECK, make_llm
+from memshare.vllm_plugin.forced import ForcedTokensV2
+run = forced_run(make_llm(SHARING_CHECK, max_model_len=256, logits_processors=[ForcedTokensV2]), repeats=3)
+print(json.dumps({"ranks": run["ranks"], "stats": run["stats"], "outputs_forced": run["outputs_forced"]}))
+"""
+
+
+def test_v2_model_runner_rows_replaced_through_its_resume_path():
+    """vLLM's V2 model runner (its classes, under Triton's interpreter on this CPU): each share re-adds the
+    request with its full block list; its rows equal the scheduler's after every step; outputs equal the forced ones."""
+    env = {**os.environ, "VLLM_USE_V2_MODEL_RUNNER": "1"}
+    result = subprocess.run([sys.executable, "-c", V2_RUNNER], env=env, cwd=Path(__file__).parent.parent,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads(result.stdout.strip().splitlines()[-1])
+    assert run["ranks"][0]["runner"] == "vllm.v1.worker.cpu.model_runner"
+    stats = run["stats"]
+    assert stats["blocks_shared"] > 0 and stats["rows_checked"] > 0
+    assert stats["row_mismatches"] == 0 and stats["free_block_mismatches"] == 0
+    assert run["outputs_forced"]

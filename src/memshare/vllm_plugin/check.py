@@ -23,7 +23,7 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from memshare.vllm_plugin import memshare_stats
-from memshare.vllm_plugin.forced import ForcedTokens
+from memshare.vllm_plugin.forced import forced_tokens_processor
 
 PASSAGE = ("The river flows past the old mill every spring, carrying leaves and small branches down to the sea, "
            "where the fishermen wait for the tide to turn before they row out to the nets. ")
@@ -73,7 +73,8 @@ def run(engine_args: EngineArgs) -> tuple[dict[str, Any], list[str]]:
     found["thresholds_above_1"] = memshare_stats(llm)
     close(llm)
 
-    llm = make_llm(engine_args, SHARING, logits_processors=[ForcedTokens])
+    processor = forced_tokens_processor(engine_args.create_engine_config())
+    llm = make_llm(engine_args, SHARING, logits_processors=[processor])
     prompt_ids, forced = forced_trace(llm)
     params = SamplingParams(temperature=0, max_tokens=len(forced), ignore_eos=True,
                             extra_args={"forced_token_ids": forced})
