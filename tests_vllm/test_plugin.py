@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from vllm import LLM, SamplingParams
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode, MLAAttentionSpec
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
 import memshare.vllm_plugin as plugin
@@ -140,17 +141,33 @@ def test_sharing_under_preemption_completes_without_leaks():
 
 
 def test_unsupported_configurations_are_refused_with_reasons():
-    config = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=True), use_v2_model_runner=True,
-                             max_concurrent_batches=2,
-                             speculative_config=object(), kv_transfer_config=None,
-                             parallel_config=SimpleNamespace(tensor_parallel_size=2, pipeline_parallel_size=1))
+    config = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=True), max_concurrent_batches=2,
+                             speculative_config=object(), kv_transfer_config=None)
     core = SimpleNamespace(vllm_config=config,
-                           scheduler=SimpleNamespace(kv_cache_config=SimpleNamespace(kv_cache_groups=[1])))
+                           scheduler=SimpleNamespace(kv_cache_config=SimpleNamespace(kv_cache_groups=[1, 2])))
     problems = " ".join(api.unsupported_features(core))
-    for word in ("async scheduling", "V2 model runner", "speculative decoding"):
+    for word in ("--no-async-scheduling", "speculative decoding", "more than one KV-cache group"):
         assert word in problems
     with pytest.raises(ValueError, match="policy 'h2o'"):
         make_llm({"policy": "h2o"})
+
+
+def test_unreadable_kv_caches_are_refused_with_reasons():
+    def worker(spec, backend: str):
+        layer = SimpleNamespace(attn_backend=SimpleNamespace(get_name=lambda: backend))
+        groups = [SimpleNamespace(kv_cache_spec=spec, layer_names=["layers.0"])]
+        runner = SimpleNamespace(kv_cache_config=SimpleNamespace(kv_cache_groups=groups),
+                                 compilation_config=SimpleNamespace(static_forward_context={"layers.0": layer}))
+        return SimpleNamespace(model_runner=runner)
+
+    plain = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    assert api.unreadable_kv(worker(plain, "FLASH_ATTN")) == []
+    mla = MLAAttentionSpec(block_size=32, num_kv_heads=1, head_size=576, dtype=torch.bfloat16)
+    assert "MLA" in " ".join(api.unreadable_kv(worker(mla, "FLASHMLA")))
+    per_token_head = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=64, dtype=torch.int8,
+                                       kv_quant_mode=KVQuantMode.INT8_PER_TOKEN_HEAD)
+    assert "INT8_PER_TOKEN_HEAD" in " ".join(api.unreadable_kv(worker(per_token_head, "TRITON_ATTN")))
+    assert "backend SOME_KERNEL" in " ".join(api.unreadable_kv(worker(plain, "SOME_KERNEL")))
 
 
 def test_other_vllm_versions_are_refused(monkeypatch):
