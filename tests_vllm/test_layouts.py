@@ -62,7 +62,7 @@ def test_gpu_layouts_round_trip(layout, block_size, kernel_block_size):
 
 CPU_CASES = [("vec", torch.float32, "auto"), ("vec", torch.float16, "auto"), ("vec16", torch.float32, "auto"),
              ("amx", torch.bfloat16, "auto"), ("vec", torch.float32, "fp8"), ("vec", torch.bfloat16, "fp8_e4m3"),
-             ("vec", torch.float32, "fp8_e5m2"), ("amx", torch.bfloat16, "fp8_e5m2")]
+             ("vec", torch.float32, "fp8_e5m2"), ("amx", torch.bfloat16, "fp8"), ("amx", torch.bfloat16, "fp8_e5m2")]
 
 
 @pytest.mark.parametrize("isa,dtype,kv_cache_dtype", CPU_CASES)

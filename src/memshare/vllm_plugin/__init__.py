@@ -4,10 +4,11 @@ Enable it per engine with `LLM(..., additional_config={"memshare": {"step_thresh
 `MemShareConfig` field) or for every engine with the environment: `MEMSHARE_POLICY=memshare` and optionally
 `MEMSHARE_CONFIG='{"block_threshold": 0.61}'`. Disabled, the plugin changes nothing in vLLM.
 
-The engine core runs the same `MemSharePolicy` as memshare's own engine after every step; stage 2 reads the
-KV cache on the workers through `collective_rpc`; a share remaps the request's block list in vLLM's block
-pool (ref_cnt + 1 on the earlier block, the duplicate freed) and the request is sent to the workers as
-resumed so they replace its block-table row. `memshare_stats(llm)` returns the counters.
+The engine core runs the same `MemSharePolicy` as memshare's own engine after every step; stage 2 runs on every
+worker rank (a worker extension, reached through `collective_rpc`), which returns per-layer partial sums over its own
+KV heads that the engine core combines; a share remaps the request's block list in vLLM's block pool (ref_cnt + 1 on
+the earlier block, the duplicate freed) and the workers replace the request's block-table row. `memshare_stats(llm)`
+returns the counters.
 """
 
 import json

@@ -1,7 +1,7 @@
 """Every piece of vLLM's private API the plugin touches, in one place: an upgrade changes this module only.
 
-Checked against vLLM 0.32.x (v1 engine, V1 model runner, CPU attention backend). The plugin refuses any
-other version at start-up.
+Checked against vLLM 0.32.x (v1 engine; V1 and V2 model runners; the KV-cache views of its attention backends). The
+plugin refuses any other version at start-up.
 """
 
 from collections.abc import Callable
