@@ -60,7 +60,7 @@ class VllmBlocks:
 
 class VllmMemShare:
     """Per EngineCore: runs the policy after each step and keeps the workers' block tables equal to the
-    scheduler's (a remapped request is sent as resumed, so its row is replaced)."""
+    scheduler's (a remapped request's row is replaced on every rank)."""
 
     def __init__(self, core: Any, config: ShareConfig, verify: bool = False, log_interval: float = 10.0) -> None:
         problems = api.unsupported_features(core) + api.worker_problems(core)
