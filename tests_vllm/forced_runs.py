@@ -1,17 +1,9 @@
 """The self-check's forced, block-aligned repetitive trace run on a test's engine, recording every stage-2 score."""
 
-import gc
-
-from vllm import LLM, SamplingParams
+from vllm import LLM
 
 from memshare.vllm_plugin import memshare_stats
-from memshare.vllm_plugin.check import forced_trace
-
-
-def close(llm: LLM) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+from memshare.vllm_plugin.check import close, generate_forced
 
 
 def forced_run(llm: LLM, repeats: int = 4) -> dict:
@@ -24,11 +16,8 @@ def forced_run(llm: LLM, repeats: int = 4) -> dict:
         return result
 
     memshare.policy.score = recorded
-    prompt, forced = forced_trace(llm, repeats)
-    params = SamplingParams(temperature=0, max_tokens=len(forced), ignore_eos=True,
-                            extra_args={"forced_token_ids": forced})
-    outputs = llm.generate([{"prompt_token_ids": prompt}] * 2, params, use_tqdm=False)
+    outputs_forced = generate_forced(llm, repeats)
     run = {"ranks": llm.collective_rpc("memshare_describe"), "stats": memshare_stats(llm), "scores": scores,
-           "outputs_forced": all(list(o.outputs[0].token_ids) == forced for o in outputs)}
+           "outputs_forced": outputs_forced}
     close(llm)
     return run

@@ -9,9 +9,9 @@ from vllm import LLM, SamplingParams
 
 from memshare.models.registry import resolve_model
 from memshare.vllm_plugin import memshare_stats
-from memshare.vllm_plugin.check import NEUTRAL, SHARING
+from memshare.vllm_plugin.check import NEUTRAL, SHARING, close
 from memshare.vllm_plugin.forced import ForcedTokens
-from tests_vllm.forced_runs import close, forced_run
+from tests_vllm.forced_runs import forced_run
 
 PROMPTS = [("The river flows past the old mill every spring, carrying leaves down to the sea.\n\n") * 2,
            "List the planets of the solar system."]

@@ -46,6 +46,15 @@ def close(llm: LLM) -> None:
     gc.collect()
 
 
+def generate_forced(llm: LLM, repeats: int = 4) -> bool:
+    """Two requests forced through `forced_trace`; whether both outputs equal the forced tokens."""
+    prompt, forced = forced_trace(llm, repeats)
+    params = SamplingParams(temperature=0, max_tokens=len(forced), ignore_eos=True,
+                            extra_args={"forced_token_ids": forced})
+    outputs = llm.generate([{"prompt_token_ids": prompt}] * 2, params, use_tqdm=False)
+    return all(list(o.outputs[0].token_ids) == forced for o in outputs)
+
+
 def forced_trace(llm: LLM, repeats: int = 4) -> tuple[list[int], list[int]]:
     """(prompt, response) token ids: the prompt a whole number of blocks, the response one block-long passage ending in
     a blank line (a step boundary), repeated, so each repeat fills exactly one block."""
@@ -75,10 +84,7 @@ def run(engine_args: EngineArgs) -> tuple[dict[str, Any], list[str]]:
 
     processor = forced_tokens_processor(engine_args.create_engine_config())
     llm = make_llm(engine_args, SHARING, logits_processors=[processor])
-    prompt_ids, forced = forced_trace(llm)
-    params = SamplingParams(temperature=0, max_tokens=len(forced), ignore_eos=True,
-                            extra_args={"forced_token_ids": forced})
-    outputs = llm.generate([{"prompt_token_ids": prompt_ids}] * 2, params, use_tqdm=False)
+    outputs_forced = generate_forced(llm)
     found["forced_trace"] = memshare_stats(llm)
     close(llm)
 
@@ -90,7 +96,7 @@ def run(engine_args: EngineArgs) -> tuple[dict[str, Any], list[str]]:
         (sharing.get("rows_checked", 0) > 0, "forced repetitive trace: no worker row was checked"),
         (sharing.get("row_mismatches", 1) == 0, "a worker's block-table row differed from the scheduler's"),
         (sharing.get("free_block_mismatches", 1) == 0, "vLLM's free blocks did not rise by the blocks shared"),
-        (all(list(o.outputs[0].token_ids) == forced for o in outputs), "the output differs from the forced tokens"),
+        (outputs_forced, "the output differs from the forced tokens"),
     ] if not ok]
     return found, failures
 

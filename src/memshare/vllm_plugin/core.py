@@ -104,10 +104,10 @@ class VllmMemShare:
         self.sum_used += used
         self.sum_logical += used + self.policy.saved_blocks(running)
         self.sharing_seconds += time.perf_counter() - start
-        self.metrics.update(self.stats())
+        stats = self.stats()
+        self.metrics.update(stats)
         if self.log_interval and time.monotonic() - self._last_log >= self.log_interval:
             self._last_log = time.monotonic()
-            stats = self.stats()
             logger.info("MemShare: %d blocks shared, memory saved %.1f%% (mean), affected ratio %.1f%%",
                         stats["blocks_shared"], 100 * stats["memory_saved_mean"], 100 * stats["affected_ratio"])
 
