@@ -67,7 +67,7 @@ class LayerCopyPolicy(SharingPolicy):
         super().finish(seq)
         state = self.states.pop(seq.seq_id, None)
         if state is not None:  # whole-block equivalents, so the affected ratio is the fraction of pairs
-            layers = len(self.block_manager.kv_caches)
+            layers = self.block_manager.kv_cache.num_layers
             seq.num_affected_blocks += state.replaced / layers
             self.affected_blocks += state.replaced / layers
 
@@ -84,8 +84,7 @@ class LayerCopyPolicy(SharingPolicy):
         replaced = 0
         for layer, (score, j) in enumerate(zip(best.tolist(), source.tolist())):
             if score >= self.config.layer_threshold:
-                for cache in self.block_manager.kv_caches[layer]:
-                    cache[table[index]] = cache[table[j]]
+                self.block_manager.kv_cache.copy_block(layer, table[j], table[index])
                 replaced += 1
         self.pairs_replaced += replaced
         return replaced

@@ -7,6 +7,7 @@ import torch
 
 from memshare.layers import cpu_kernels, fused
 from memshare.layers.attention import AttentionMetadata, PrefillSpan, decode_attention, prefill_attention
+from memshare.layers.kv_cache import KVCache, kv_format
 from memshare.layers.linear import prepack_linear_layers
 
 BLOCK_SIZE, KV_HEADS, HEADS, DIM, NUM_BLOCKS = 4, 2, 6, 8, 32
@@ -23,46 +24,51 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_pos
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def scatter(length: int, generator: torch.Generator, caches: tuple[torch.Tensor, torch.Tensor], free: list[int]):
+def scatter(length: int, generator: torch.Generator, cache: KVCache, free: list[int]):
+    """A sequence of `length` random tokens written into free blocks; returns its table and dequantized K, V."""
     table = [free.pop() for _ in range(-(-length // BLOCK_SIZE))]
     k = torch.randn(length, KV_HEADS, DIM, generator=generator)
     v = torch.randn(length, KV_HEADS, DIM, generator=generator)
-    for pos in range(length):
-        caches[0][table[pos // BLOCK_SIZE], pos % BLOCK_SIZE] = k[pos]
-        caches[1][table[pos // BLOCK_SIZE], pos % BLOCK_SIZE] = v[pos]
-    return table, k, v
+    slots = [table[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE for pos in range(length)]
+    cache.begin_step(slots)
+    cache.write(0, torch.tensor(slots), k, v)
+    stored_k, stored_v = cache.gather(0, torch.tensor(table))
+    return table, stored_k[:length], stored_v[:length]
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16", "fp8_e5m2", "int8_per_token_head", "int4_kivi"])
 @pytest.mark.parametrize("path", ["cpu_kernel", "torch"])
-def test_paged_attention_matches_dense(path, monkeypatch):
+def test_paged_attention_matches_dense(path, kv_cache_dtype, monkeypatch):
+    """Decode (the C++ kernel dequantizing in registers, or the torch fallback) and prefill over a quantized cache
+    equal attention over the dequantized K/V in float64; the partial tail blocks of int4_kivi included."""
     if path == "torch":
         monkeypatch.setattr(cpu_kernels, "cpu_ops", lambda: None)
     else:
         assert cpu_kernels.cpu_ops() is not None, "the CPU kernels must compile on this machine"
     generator = torch.Generator().manual_seed(0)
-    shape = (NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, DIM)
-    caches = (torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
+    cache = KVCache(kv_format(kv_cache_dtype, torch.float32), 1, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, DIM,
+                    torch.float32, torch.device("cpu"), num_tail_blocks=4)
     free = torch.randperm(NUM_BLOCKS, generator=generator).tolist()
     lengths = [5, 9, 1, 16]
-    seqs = [scatter(n, generator, caches, free) for n in lengths]
+    seqs = [scatter(n, generator, cache, free) for n in lengths]
     width = max(len(t) for t, _, _ in seqs)
     tables = torch.tensor([t + [0] * (width - len(t)) for t, _, _ in seqs])
     meta = AttentionMetadata(torch.zeros(0, dtype=torch.long), len(seqs), tables, torch.tensor(lengths), [])
     q = torch.randn(len(seqs), HEADS, DIM, generator=generator)
-    out = decode_attention(q, *caches, meta, DIM**-0.5)
+    out = decode_attention(q, cache, 0, meta, DIM**-0.5)
     for row, (n, (_, k, v)) in enumerate(zip(lengths, seqs)):
         expected = dense_attention(q[row : row + 1], k, v, n - 1)
         torch.testing.assert_close(out[row : row + 1].double(), expected, atol=1e-5, rtol=1e-5)
     # Fewer sequences than threads split by KV head instead: same results.
     single = AttentionMetadata(meta.slot_mapping, 1, tables[1:2], meta.decode_context_lens[1:2], [])
-    torch.testing.assert_close(decode_attention(q[1:2], *caches, single, DIM**-0.5), out[1:2])
+    torch.testing.assert_close(decode_attention(q[1:2], cache, 0, single, DIM**-0.5), out[1:2])
 
     table, k, v = seqs[3]
     for start in (0, 6):  # a fresh prompt, and a chunk after 6 cached tokens
         q = torch.randn(16 - start, HEADS, DIM, generator=generator)
         mask = None if start == 0 else torch.arange(16).unsqueeze(0) <= torch.arange(start, 16).unsqueeze(1)
         span = PrefillSpan(0, 16 - start, 16, torch.tensor(table), mask)
-        out = prefill_attention(q, *caches, span, DIM**-0.5)
+        out = prefill_attention(q, cache, 0, span, DIM**-0.5)
         torch.testing.assert_close(out.double(), dense_attention(q, k, v, start), atol=1e-5, rtol=1e-5)
 
 

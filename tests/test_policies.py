@@ -80,7 +80,7 @@ def test_remap_shares_given_up_blocks_with_earlier_kept_ones(prompts, threshold)
         return share(seq, index, source_index)
 
     engine.block_manager.share = recording_share
-    cache = engine.block_manager.kv_caches[0][0]
+    cache = engine.block_manager.kv_cache.layers[0][0].codes
     while engine.has_unfinished_requests():
         before = cache.clone()
         written = {(seq.seq_id, seq.num_preemptions): set(seq.block_table[: seq.num_cached_kv_tokens // 16])

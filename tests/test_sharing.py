@@ -168,9 +168,10 @@ def test_sharing_is_zero_copy_and_points_earlier(sharing_llm, monkeypatch):
         return target
 
     def after_step(running):
-        before = [(k.clone(), v.clone()) for k, v in bm.kv_caches]
+        planes = [plane.codes for layer in bm.kv_cache.layers for plane in layer]
+        before = [codes.clone() for codes in planes]
         real_after_step(running)
-        assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(bm.kv_caches, before))
+        assert all(torch.equal(codes, saved) for codes, saved in zip(planes, before))
 
     monkeypatch.setattr(bm, "share", share)
     monkeypatch.setattr(policy, "after_step", after_step)

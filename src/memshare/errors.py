@@ -16,3 +16,7 @@ class PromptTooLongError(MemShareError, ValueError):
 
 class KVCacheTooSmallError(MemShareError, ValueError):
     """The KV-cache budget cannot hold even one request of the given size."""
+
+
+class KVCacheDtypeError(MemShareError, ValueError):
+    """An unknown `kv_cache_dtype`, or one the model's heads cannot be stored in."""

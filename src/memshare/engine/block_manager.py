@@ -4,6 +4,7 @@ from dataclasses import dataclass
 import torch
 
 from memshare.engine.sequence import Sequence
+from memshare.layers.kv_cache import KVCache
 
 
 @dataclass(slots=True)
@@ -27,9 +28,9 @@ class BlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+                 kv_cache: KVCache | None = None) -> None:
         self.block_size = block_size
-        self.kv_caches = kv_caches or []
+        self.kv_cache = kv_cache
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Insertion-ordered dict as an LRU free queue: O(1) pop from the front and removal from the middle.
@@ -148,13 +149,11 @@ class BlockManager:
             raise ValueError(f"block {index} of sequence {seq.seq_id} is not full and computed")
 
     def read_kv(self, block_ids: Seq[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of physical blocks, copied: each [num_layers, len(block_ids), block_size, kv_heads, head_dim]."""
-        if not self.kv_caches:
+        """K and V of physical blocks, copied and dequantized: each [num_layers, len(block_ids), block_size,
+        kv_heads, head_dim]."""
+        if self.kv_cache is None:
             raise RuntimeError("this block manager has no KV cache attached")
-        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.kv_caches[0][0].device)
-        keys = torch.stack([k.index_select(0, index) for k, _ in self.kv_caches])
-        values = torch.stack([v.index_select(0, index) for _, v in self.kv_caches])
-        return keys, values
+        return self.kv_cache.read(list(block_ids))
 
     def _touch(self, block_id: int) -> None:
         block = self.blocks[block_id]
@@ -168,6 +167,8 @@ class BlockManager:
         block.ref_cnt -= 1
         if block.ref_cnt == 0:
             self.free_queue[block_id] = None
+            if self.kv_cache is not None:
+                self.kv_cache.release(block_id)
 
     def _pop_free(self) -> int:
         block_id = next(iter(self.free_queue))

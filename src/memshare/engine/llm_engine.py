@@ -14,6 +14,7 @@ from memshare.engine.policy import ModelAccess, make_policy
 from memshare.engine.scheduler import Scheduler
 from memshare.engine.sequence import Sequence, SequenceStatus
 from memshare.errors import KVCacheTooSmallError, PromptTooLongError
+from memshare.layers.kv_cache import FORMATS, block_bytes
 from memshare.outputs import CompletionOutput, RequestOutput
 from memshare.sampling_params import SamplingParams
 
@@ -60,6 +61,7 @@ class EngineStats:
     peak_logical_blocks: int = 0
     sum_used_blocks: int = 0
     sum_logical_blocks: int = 0
+    sum_tail_blocks: int = 0  # partial blocks held in a quantized cache's tail (layers/kv_cache.py)
     peak_running: int = 0
     sum_running: int = 0
     # (engine time, physical, logical, running sequences), sampled from every scheduled step
@@ -74,7 +76,7 @@ class LLMEngine:
         self.model_runner = ModelRunner(config)
         self.tokenizer = self.model_runner.tokenizer
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
-                                          config.enable_prefix_caching, self.model_runner.kv_caches)
+                                          config.enable_prefix_caching, self.model_runner.kv_cache)
         self.policy = make_policy(config.share, self.block_manager,
                                   ModelAccess(self.tokenizer.decode, self.model_runner.unrotate_keys,
                                               self.model_runner.embed_tokens))
@@ -218,6 +220,7 @@ class LLMEngine:
         stats.peak_running = max(stats.peak_running, running)
         stats.sum_used_blocks += used
         stats.sum_logical_blocks += logical
+        stats.sum_tail_blocks += self.model_runner.kv_cache.num_tail_blocks_used
         stats.sum_running += running
         stats.kv_history.append((stats.engine_time_s, used, logical, running))
 
@@ -323,9 +326,23 @@ class LLMEngine:
             **self.policy.stats(),
             "memory_saved_peak": 1 - s.peak_used_blocks / s.peak_logical_blocks if s.peak_logical_blocks else 0.0,
             "memory_saved_mean": 1 - s.sum_used_blocks / s.sum_logical_blocks if s.sum_logical_blocks else 0.0,
+            **self._bytes_stats(),
             "sharing_time_s": s.sharing_time_s,
             "sharing_time_share": s.sharing_time_s / s.engine_time_s if s.engine_time_s else 0.0,
         }
+
+    def _bytes_stats(self) -> dict[str, float | int | str]:
+        """KV bytes in use over the steps (blocks in the cache's format plus the tail blocks being filled) against
+        the dense KV of the same tokens stored in float32 and in bfloat16."""
+        s, runner = self.stats, self.model_runner
+        used = s.sum_used_blocks * runner.block_bytes + s.sum_tail_blocks * runner.kv_cache.tail_block_bytes
+        dense = {name: block_bytes(FORMATS[name], runner.num_layers, runner.block_size, runner.num_kv_heads,
+                                   runner.head_dim) for name in ("float32", "bfloat16")}
+        return {"kv_cache_dtype": runner.kv_format.name, "kv_block_bytes": runner.block_bytes,
+                "kv_tail_block_bytes": runner.kv_cache.tail_block_bytes, "sum_tail_blocks": s.sum_tail_blocks,
+                **{f"kv_block_bytes_{name}": size for name, size in dense.items()},
+                **{f"kv_bytes_saved_vs_{name}": 1 - used / (s.sum_logical_blocks * size) if s.sum_logical_blocks
+                   else 0.0 for name, size in dense.items()}}
 
     def _maybe_log(self) -> None:
         interval = self.config.log_stats_interval

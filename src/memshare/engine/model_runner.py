@@ -7,13 +7,21 @@ from memshare.engine.sequence import Sequence
 from memshare.errors import KVCacheTooSmallError
 from memshare.layers.attention import AttentionMetadata, PagedContext, PrefillSpan
 from memshare.layers.cpu_kernels import cpu_ops
+from memshare.layers.kv_cache import KVCache, TailPool, block_bytes, kv_format
 from memshare.layers.linear import prepack_linear_layers
 from memshare.layers.rotary import unrotate_neox
 from memshare.layers.sampler import Sampler
 from memshare.models.llama import PagedLlamaForCausalLM
-from memshare.models.loader import load_model
+from memshare.models.loader import kv_geometry, load_model
 
 logger = logging.getLogger("memshare")
+
+
+def kv_block_bytes(config: EngineConfig) -> int:
+    """Bytes of one KV block of `config`'s model in its `kv_cache_dtype`, from the model's config alone."""
+    kv = kv_geometry(config)
+    fmt = kv_format(config.kv_cache_dtype, kv.dtype, kv.head_dim)
+    return block_bytes(fmt, kv.num_layers, config.block_size, kv.num_kv_heads, kv.head_dim)
 
 
 class ModelRunner:
@@ -24,23 +32,34 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.block_size = config.block_size
+        kv = kv_geometry(config)
+        self.kv_format = kv_format(config.kv_cache_dtype, kv.dtype, kv.head_dim)  # refused before any allocation
         self.model, self.tokenizer, self.device = load_model(config)
         self.paged_model = PagedLlamaForCausalLM(self.model) \
             if config.model_impl == "auto" and PagedLlamaForCausalLM.applies(self.model) else None
         prepack_linear_layers(self.paged_model or self.model)
-        hf = self.model.config.get_text_config()
-        self.num_layers = hf.num_hidden_layers
-        self.num_kv_heads = hf.num_key_value_heads
-        self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        self.max_position_embeddings = hf.max_position_embeddings
-        self.num_kv_blocks = config.num_kv_blocks or parse_memory(config.kv_cache_memory) // self.block_bytes
-        if self.num_kv_blocks < 1:
-            raise KVCacheTooSmallError(
-                f"kv_cache_memory={config.kv_cache_memory!r} holds no block of {self.block_bytes} bytes")
-        shape = (self.num_kv_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
+        self.max_position_embeddings = self.model.config.get_text_config().max_position_embeddings
         dtype = self.model.dtype
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
-                           torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(self.num_layers)]
+        self.block_bytes = block_bytes(self.kv_format, self.num_layers, self.block_size, self.num_kv_heads,
+                                       self.head_dim)
+        budget = parse_memory(config.kv_cache_memory)
+        num_tail_blocks, tail_bytes = 0, 0
+        if self.kv_format.needs_tail:
+            # A partial block per running sequence (layers/kv_cache.py), and a running sequence holds a block: the
+            # tail needs no more slots than the cache can hold sequences.
+            tail_block = TailPool.block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim)
+            fit = config.num_kv_blocks or budget // (self.block_bytes + tail_block)
+            num_tail_blocks = min(config.max_num_seqs, fit)
+            tail_bytes = num_tail_blocks * tail_block
+        self.num_kv_blocks = config.num_kv_blocks or (budget - tail_bytes) // self.block_bytes
+        if self.num_kv_blocks < 1 or (self.kv_format.needs_tail and num_tail_blocks < 1):
+            raise KVCacheTooSmallError(f"kv_cache_memory={config.kv_cache_memory!r} holds no block of "
+                                       f"{self.block_bytes} bytes" + (" beside the 8-bit tail block each running "
+                                                                       "sequence needs" if self.kv_format.needs_tail
+                                                                       else ""))
+        self.kv_cache = KVCache(self.kv_format, self.num_layers, self.num_kv_blocks, self.block_size,
+                                self.num_kv_heads, self.head_dim, dtype, self.device, num_tail_blocks)
         if self.device.type == "cpu" and dtype == torch.float32:
             cpu_ops()  # compile or load the kernels now, not in the middle of the first request
         eos = self.model.generation_config.eos_token_id
@@ -49,10 +68,6 @@ class ModelRunner:
         self.capture_queries = False
         self.decode_queries: torch.Tensor | None = None  # [decodes, layers, heads, head_dim] of the last step
         self.sampler = Sampler(self.eos_token_ids, lambda t: self.tokenizer.decode([t]))
-
-    @property
-    def block_bytes(self) -> int:
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * self.model.dtype.itemsize
 
     def unrotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cached keys [..., n, kv_heads, head_dim] with the RoPE rotation of `positions` [n] undone.
@@ -104,6 +119,7 @@ class ModelRunner:
                 mask = key_pos.unsqueeze(0) <= query_pos
             prefills.append(PrefillSpan(len(input_ids) - num_new, len(input_ids), end,
                                         self._tensor(table[:num_blocks]), mask))
+        self.kv_cache.begin_step(slots)
         width = max((len(t) for t in decode_tables), default=0)
         tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(len(decode_tables), width)
         meta = AttentionMetadata(self._tensor(slots), len(decode_tables), tables, self._tensor(decode_lens), prefills)
@@ -130,7 +146,7 @@ class ModelRunner:
                 last_rows.append(row - 1)
                 sampled.append(seq)
         queries: list[torch.Tensor] | None = [] if self.capture_queries else None
-        paged = PagedContext(self.kv_caches, meta, queries)
+        paged = PagedContext(self.kv_cache, meta, queries)
         logits = self.forward(input_ids, positions, self._tensor(last_rows), paged)
         self.decode_queries = torch.stack(queries, 1) if queries and meta.num_decodes else None
         if not sampled:

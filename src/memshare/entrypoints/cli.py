@@ -11,6 +11,7 @@ from typing import Any
 from memshare.config import MODEL_IMPLS, EngineConfig, ServerConfig, policy_names, registration, share_config
 from memshare.errors import MemShareError
 from memshare.eval.datasets import DEFAULT_INSTRUCTION
+from memshare.layers.kv_cache import KV_CACHE_DTYPES
 from memshare.sampling_params import SamplingParams
 from memshare.sharing.stage2 import STAGE2_METRICS
 
@@ -31,6 +32,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         default=defaults.enable_prefix_caching)
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--dtype", default=defaults.dtype)
+    parser.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
+                        help=f"KV storage, one of {', '.join(KV_CACHE_DTYPES)}; replay, eval and bench take a "
+                        "comma-separated list and run every policy at each, at equal KV bytes")
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--model-impl", default=defaults.model_impl, choices=MODEL_IMPLS,
                         help="auto: memshare's lean forward for Llama-family models; transformers: the HF modules")
@@ -64,7 +68,7 @@ def share_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("kv_cache_memory", "num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
-             "max_model_len", "enable_prefix_caching", "device", "dtype", "num_threads", "model_impl")
+             "max_model_len", "enable_prefix_caching", "device", "dtype", "kv_cache_dtype", "num_threads", "model_impl")
     kwargs = {name: getattr(args, name) for name in names}
     if hasattr(args, "share"):
         kwargs["share"] = share_config(args.share, **share_values(args))
@@ -167,12 +171,13 @@ def policy_specs(args: argparse.Namespace) -> list:
 def cmd_bench(args: argparse.Namespace) -> None:
     from memshare.eval.bench import markdown_table, run_bench, save
     from memshare.eval.datasets import load_problems
+    from memshare.eval.policies import expand_kv_dtypes
 
-    specs = policy_specs(args)
-    problems = load_problems("gsm8k", args.num_requests)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     engine = engine_kwargs(args) | {"log_stats_interval": 0}
     del engine["share"]
+    specs = expand_kv_dtypes(policy_specs(args), engine.pop("kv_cache_dtype").split(","))
+    problems = load_problems("gsm8k", args.num_requests)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     results = run_bench(args.model, specs, problems, params, args.seed, **engine)
     title = f"{args.model}, {len(problems)} GSM8K requests, KV {results[0].stats['num_kv_blocks']} blocks"
     json_path, png_path = save(results, args.out, title)
@@ -199,7 +204,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     engine = engine_kwargs(args)
     del engine["share"]
     config = EvalConfig(model=args.model, dataset=args.dataset, out=args.out, policies=args.policies,
-                        sweep=parse_sweep(args.sweep), defaults=defaults,
+                        sweep=parse_sweep(args.sweep), kv_cache_dtypes=engine.pop("kv_cache_dtype").split(","),
+                        defaults=defaults,
                         problem_field=args.problem_field, answer_field=args.answer_field, limit=args.limit,
                         samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                         max_tokens=args.max_tokens, seed=args.seed, instruction=args.instruction, engine=engine)
@@ -218,14 +224,15 @@ def cmd_replay(args: argparse.Namespace) -> None:
     engine = engine_kwargs(args)
     del engine["share"]
     config = ReplayConfig(model=args.model, traces=args.traces, out=args.out, policies=args.policies,
-                          sweep=parse_sweep(args.sweep), defaults=policy_defaults(args), prompt_field=args.prompt_field,
+                          sweep=parse_sweep(args.sweep), kv_cache_dtypes=engine.pop("kv_cache_dtype").split(","),
+                          defaults=policy_defaults(args), prompt_field=args.prompt_field,
                           response_field=args.response_field, limit=args.limit, max_tokens=args.max_tokens,
                           top_k=args.top_k, engine=engine)
     for s in run_replay(config):
         kl = "" if s["kl"] is None else f", KL {s['kl']:.4f}, top-1 {s['top1']:.1%}"
         print(f"{s['run']}: {s['output_tokens_per_s']:.1f} tok/s, batch {s['num_running_mean']:.1f} (peak "
               f"{s['num_running_peak']}), {s['num_preemptions']} preemptions, memory saved {s['memory_saved_mean']:.1%}"
-              f"{kl}")
+              f" (KV bytes saved vs float32 {s['kv_bytes_saved_vs_float32']:.1%}){kl}")
     build_report(args.out)
     print(f"wrote {args.out / 'report.md'} and its plots")
 

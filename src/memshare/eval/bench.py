@@ -16,7 +16,7 @@ from memshare.config import ShareConfig
 from memshare.engine.llm import LLM
 from memshare.eval.compare import plot_kv_blocks
 from memshare.eval.datasets import Problem, chat_prompt
-from memshare.eval.policies import PolicySpec, run_matched
+from memshare.eval.policies import PolicySpec, engine_for, run_matched
 from memshare.outputs import RequestOutput
 from memshare.sampling_params import SamplingParams
 
@@ -77,7 +77,8 @@ def run_bench(model: str, specs: list[PolicySpec], problems: list[Problem], para
     """One fresh engine per policy, in order; each is freed before the next loads."""
     def run(spec: PolicySpec, share: ShareConfig) -> BenchResult:
         print(f"== {spec.label}: {len(problems)} requests, {model}", flush=True)
-        return run_policy(spec.label, model, share, problems, params, seed, use_tqdm, **engine_kwargs)
+        return run_policy(spec.label, model, share, problems, params, seed, use_tqdm,
+                          **engine_for(model, spec, engine_kwargs))
 
     return run_matched(specs, run, lambda result: result.affected_ratio)
 
@@ -94,13 +95,15 @@ def markdown_table(results: list[BenchResult]) -> str:
     """One row per policy; × columns are ratios against the first policy."""
     base = results[0]
     rows = ["| policy | output tok/s | × | peak KV blocks | × | mean KV blocks | × | memory saved (mean / peak) | "
-            "preemptions | TTFT p50 / p90 / p99 (s) | × p50 | TPOT p50 / p90 / p99 (ms) | × p50 | affected ratio |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "KV bytes saved vs float32 / bfloat16 | preemptions | TTFT p50 / p90 / p99 (s) | × p50 | "
+            "TPOT p50 / p90 / p99 (ms) | × p50 | affected ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(
             f"| {r.label} | {r.output_tokens_per_s:.1f} | {_ratio(r.output_tokens_per_s, base.output_tokens_per_s)} "
             f"| {r.kv_blocks_peak} | {_ratio(r.kv_blocks_peak, base.kv_blocks_peak)} | {r.kv_blocks_mean:.1f} | "
             f"{_ratio(r.kv_blocks_mean, base.kv_blocks_mean)} | {r.memory_saved_mean:.1%} / {r.memory_saved_peak:.1%} "
+            f"| {r.stats['kv_bytes_saved_vs_float32']:.1%} / {r.stats['kv_bytes_saved_vs_bfloat16']:.1%} "
             f"| {r.num_preemptions} | {_spread(r.ttft_s, 1, 2)} | {_ratio(r.ttft_s['p50'], base.ttft_s['p50'])} | "
             f"{_spread(r.tpot_s, 1000, 0)} | {_ratio(r.tpot_s['p50'], base.tpot_s['p50'])} | {r.affected_ratio:.1%} |")
     return "\n".join(rows)

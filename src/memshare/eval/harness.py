@@ -21,13 +21,17 @@ from memshare.engine.llm import LLM
 from memshare.errors import MemShareError
 from memshare.eval.datasets import BUILTIN, DEFAULT_INSTRUCTION, Problem, chat_prompt, load_problems
 from memshare.eval.grading import is_correct
-from memshare.eval.policies import PolicySpec, expand_sweep, parse_policies, share_for
+from memshare.eval.policies import PolicySpec, engine_for, expand_kv_dtypes, expand_sweep, parse_policies, share_for
 from memshare.eval.report import parameters, read_records, safe_name, score
 from memshare.outputs import RequestOutput
 from memshare.sampling_params import SamplingParams
 
 # Engine settings that change what is generated: without max_model_len the KV budget caps the context.
-RESULT_ENGINE_KEYS = ("kv_cache_memory", "num_kv_blocks", "block_size", "max_model_len", "device", "dtype")
+RESULT_ENGINE_KEYS = ("kv_cache_memory", "num_kv_blocks", "block_size", "max_model_len", "device", "dtype",
+                      "kv_cache_dtype")
+# Engine stats a session keeps to tell KV bytes saved in any KV dtype (see `bytes_saved`).
+BYTES_KEYS = ("kv_cache_dtype", "kv_block_bytes", "kv_tail_block_bytes", "sum_tail_blocks", "kv_block_bytes_float32",
+              "kv_block_bytes_bfloat16")
 METRIC_KEYS = ("kv_blocks_generated", "kv_blocks_affected", "num_preemptions", "time_to_first_token_s", "latency_s")
 
 
@@ -49,6 +53,7 @@ class EvalConfig:
     out: Path
     policies: str = "none,memshare"
     sweep: dict[str, list[str]] = field(default_factory=dict)  # see `expand_sweep`
+    kv_cache_dtypes: list[str] = field(default_factory=lambda: ["auto"])  # every policy runs at each
     defaults: dict[str, Any] = field(default_factory=dict)  # policy fields every spec starts from
     problem_field: str = "problem"
     answer_field: str = "answer"
@@ -125,7 +130,6 @@ def run_config(config: EvalConfig, run: Run, share: ShareConfig, problems: list[
                memshare_ratio: float | None) -> dict[str, Any]:
     fields = BUILTIN[config.dataset][1:] if config.dataset in BUILTIN else (config.problem_field, config.answer_field)
     digest = hashlib.sha256(json.dumps([[p.problem_id, p.question, p.answer] for p in problems]).encode())
-    defaults = EngineConfig()
     result = {
         "run": run.name, "model": config.model,
         "dataset": {"name": dataset_name(config.dataset), "source": config.dataset, "problem_field": fields[0],
@@ -134,12 +138,18 @@ def run_config(config: EvalConfig, run: Run, share: ShareConfig, problems: list[
         "instruction": config.instruction, "samples": config.samples,
         "sampling": asdict(config.sampling(0)) | {"seed": config.seed},  # problem i: seed + i
         "share": share.to_dict(),
-        "engine": {k: config.engine.get(k, getattr(defaults, k)) for k in RESULT_ENGINE_KEYS},
+        "engine": result_engine(engine_for(config.model, run.spec, config.engine)),
     }
     if run.memshare is not None:
         result["matched"] = {"memshare_run": run.memshare.name, "memshare_affected_ratio": memshare_ratio,
                              **{k: getattr(share, k) for k in run.spec.match}}
     return json.loads(json.dumps(result))
+
+
+def result_engine(engine: dict[str, Any], keys: tuple[str, ...] = RESULT_ENGINE_KEYS) -> dict[str, Any]:
+    """The engine settings saved with a run's config: `keys` of `engine`, defaults filled in."""
+    defaults = EngineConfig()
+    return {k: engine.get(k, getattr(defaults, k)) for k in keys}
 
 
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
@@ -194,7 +204,19 @@ def session_stats(llm: LLM, wall_s: float, problems: int, engine_kwargs: dict[st
             "peak_used_blocks": s.peak_used_blocks, "peak_logical_blocks": s.peak_logical_blocks,
             "sum_used_blocks": s.sum_used_blocks, "sum_logical_blocks": s.sum_logical_blocks,
             "blocks_shared": stats.get("blocks_shared", 0), "num_preemptions": stats["num_preemptions"],
-            "num_kv_blocks": stats["num_kv_blocks"], "engine": engine_kwargs}
+            "num_kv_blocks": stats["num_kv_blocks"], **{k: stats[k] for k in BYTES_KEYS}, "engine": engine_kwargs}
+
+
+def bytes_saved(sessions: list[dict[str, Any]]) -> dict[str, float]:
+    """KV bytes in use over the steps of every session (blocks in the run's format plus tail blocks being filled)
+    against the dense KV of the same tokens in float32 and in bfloat16; nothing for runs saved before KV dtypes."""
+    if not all(key in s for s in sessions for key in BYTES_KEYS):
+        return {}
+    used = sum(s["sum_used_blocks"] * s["kv_block_bytes"] + s["sum_tail_blocks"] * s["kv_tail_block_bytes"]
+               for s in sessions)
+    return {f"kv_bytes_saved_vs_{name}": 1 - used / dense if dense else 0.0
+            for name in ("float32", "bfloat16")
+            for dense in [sum(s["sum_logical_blocks"] * s[f"kv_block_bytes_{name}"] for s in sessions)]}
 
 
 def aggregate(sessions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -212,7 +234,7 @@ def aggregate(sessions: list[dict[str, Any]]) -> dict[str, Any]:
             "memory_saved_mean": 1 - used / logical if logical else 0.0,
             "blocks_shared": total("blocks_shared"), "num_preemptions": total("num_preemptions"),
             "kv_blocks_peak": peak_used, "sharing_time_s": sharing,
-            "sharing_time_share": sharing / time_s if time_s else 0.0}
+            "sharing_time_share": sharing / time_s if time_s else 0.0, **bytes_saved(sessions)}
 
 
 def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]],
@@ -228,7 +250,8 @@ def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]
 def generate(config: EvalConfig, run: Run, share: ShareConfig, todo: list[tuple[int, Problem]],
              records: list[dict[str, Any]], sessions: list[dict[str, Any]], run_cfg: dict[str, Any]) -> None:
     """Submit every unfinished problem at once; append each record (fsynced) and the summary as it finishes."""
-    llm = LLM(model=config.model, **({"log_stats_interval": 0} | config.engine | {"share": share}))
+    llm = LLM(model=config.model,
+              **({"log_stats_interval": 0} | engine_for(config.model, run.spec, config.engine) | {"share": share}))
     engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
     prompts = {p.problem_id: chat_prompt(tokenizer, p, config.instruction) for _, p in todo}
     params = {p.problem_id: config.sampling(i) for i, p in todo}
@@ -298,7 +321,8 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
     configuration differs.
     """
     problems = load(config)
-    specs = expand_sweep(parse_policies(config.policies, config.defaults), config.sweep)
+    specs = expand_kv_dtypes(expand_sweep(parse_policies(config.policies, config.defaults), config.sweep),
+                             config.kv_cache_dtypes)
     runs = plan_runs(specs, config.out / dataset_name(config.dataset))
     for run in runs:  # fail now rather than after hours of earlier runs; matched configs are known only later
         if run.memshare is None:

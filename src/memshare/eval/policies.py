@@ -11,22 +11,47 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
-from memshare.config import ShareConfig, policy_names, registration, share_config
+from memshare.config import EngineConfig, ShareConfig, policy_names, registration, share_config
+from memshare.engine.model_runner import kv_block_bytes
+from memshare.errors import KVCacheDtypeError
+from memshare.layers.kv_cache import KV_CACHE_DTYPES
 
 
 @dataclass(slots=True)
 class PolicySpec:
     share: ShareConfig
     match: tuple[str, ...] = ()  # fields to take from the preceding MemShare run
+    kv_cache_dtype: str = "auto"
 
     @property
     def label(self) -> str:
-        """The policy with its knobs (`memshare` where matched), then its other fields that are off their default."""
+        """The policy with its knobs (`memshare` where matched), its other fields that are off their default, and
+        its KV dtype unless `auto`."""
         knobs, default = registration(self.share.policy).knobs, type(self.share)()
         parts = [f"{f.name}={'memshare' if f.name in self.match else getattr(self.share, f.name)}"
                  for f in sorted(fields(self.share), key=lambda f: f.name not in knobs)
                  if f.name in knobs or f.name in self.match or getattr(self.share, f.name) != getattr(default, f.name)]
-        return self.share.policy + (f"({', '.join(parts)})" if parts else "")
+        dtype = "" if self.kv_cache_dtype == "auto" else f" [{self.kv_cache_dtype}]"
+        return self.share.policy + (f"({', '.join(parts)})" if parts else "") + dtype
+
+
+def expand_kv_dtypes(specs: list[PolicySpec], kv_cache_dtypes: list[str]) -> list[PolicySpec]:
+    """Every spec at every KV dtype, dtype by dtype, so a matched spec matches the MemShare run of its own dtype."""
+    unknown = [d for d in kv_cache_dtypes if d not in KV_CACHE_DTYPES]
+    if unknown or not kv_cache_dtypes:
+        raise KVCacheDtypeError(f"kv_cache_dtype {unknown or kv_cache_dtypes} is not among {KV_CACHE_DTYPES}")
+    return [replace(spec, kv_cache_dtype=dtype) for dtype in dict.fromkeys(kv_cache_dtypes) for spec in specs]
+
+
+def engine_for(model: str, spec: PolicySpec, engine: dict[str, Any]) -> dict[str, Any]:
+    """EngineConfig keyword arguments of a spec's run: `engine` with the spec's KV dtype, its budget in bytes. A
+    budget given in blocks (`num_kv_blocks`) counts blocks of the model's own dtype (`auto`); another KV dtype gets
+    the same bytes, so matched memory means equal KV bytes."""
+    kwargs = engine | {"kv_cache_dtype": spec.kv_cache_dtype}
+    if spec.kv_cache_dtype == "auto" or not engine.get("num_kv_blocks"):
+        return kwargs
+    reference = EngineConfig(model=model, **(engine | {"kv_cache_dtype": "auto"}))
+    return kwargs | {"num_kv_blocks": None, "kv_cache_memory": engine["num_kv_blocks"] * kv_block_bytes(reference)}
 
 
 def _convert(raw: str, default: object) -> object:
@@ -105,7 +130,7 @@ def expand_sweep(specs: list[PolicySpec], sweep: dict[str, list[str]]) -> list[P
             values = {k: _convert(v[level], getattr(spec.share, k)) for k, v in sweep.items()
                       if k in registration(spec.share.policy).knobs and k not in spec.match}
             try:
-                swept = PolicySpec(replace(spec.share, **values), spec.match)
+                swept = PolicySpec(replace(spec.share, **values), spec.match, spec.kv_cache_dtype)
             except ValueError as error:
                 raise ValueError(f"--sweep level {level + 1} for {spec.label}: {error}") from error
             entry = (swept, source if swept.match else None)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from memshare.config import EngineConfig, ShareConfig
+from memshare.config import ShareConfig
 from memshare.engine.llm import LLM
 from memshare.errors import MemShareError
 from memshare.eval.fidelity import Trace, model_tokenizer
@@ -36,10 +36,11 @@ from memshare.eval.harness import (
     check_config,
     open_run,
     plan_runs,
+    result_engine,
     session_stats,
     write_atomic,
 )
-from memshare.eval.policies import expand_sweep, parse_policies, share_for
+from memshare.eval.policies import engine_for, expand_kv_dtypes, expand_sweep, parse_policies, share_for
 from memshare.eval.report import safe_name
 from memshare.sampling_params import SamplingParams
 
@@ -159,6 +160,7 @@ class ReplayConfig:
     out: Path
     policies: str = "none,memshare"
     sweep: dict[str, list[str]] = field(default_factory=dict)
+    kv_cache_dtypes: list[str] = field(default_factory=lambda: ["auto"])  # every policy runs at each
     defaults: dict[str, Any] = field(default_factory=dict)  # policy fields every spec starts from
     prompt_field: str | None = None
     response_field: str = "response"
@@ -175,7 +177,6 @@ class ReplayConfig:
 def run_config(config: ReplayConfig, run: Run, share: ShareConfig, traces: list[Trace],
                memshare_ratio: float | None) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps([[t.trace_id, t.prompt_token_ids, t.token_ids] for t in traces]).encode())
-    defaults = EngineConfig()
     result = {
         "kind": "replay", "run": run.name, "model": config.model,
         "traces": {"name": Path(config.traces).stem, "source": str(config.traces), "prompt_field": config.prompt_field,
@@ -183,8 +184,8 @@ def run_config(config: ReplayConfig, run: Run, share: ShareConfig, traces: list[
                    "max_tokens": config.max_tokens, "forced_tokens": sum(len(t.token_ids) for t in traces),
                    "sha256": digest.hexdigest()},
         "top_k": config.top_k, "share": share.to_dict(),
-        "engine": {k: config.engine.get(k, getattr(defaults, k)) for k in (*RESULT_ENGINE_KEYS,
-                                                                            "max_num_seqs", "max_num_batched_tokens")},
+        "engine": result_engine(engine_for(config.model, run.spec, config.engine),
+                                (*RESULT_ENGINE_KEYS, "max_num_seqs", "max_num_batched_tokens")),
     }
     if run.memshare is not None:
         result["matched"] = {"memshare_run": run.memshare.name, "memshare_affected_ratio": memshare_ratio,
@@ -260,7 +261,8 @@ def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]
 def replay(config: ReplayConfig, run: Run, share: ShareConfig, todo: list[Trace], reference: Path, dense: bool,
            records: list[dict[str, Any]], sessions: list[dict[str, Any]], run_cfg: dict[str, Any]) -> None:
     """Submit every unfinished trace at once; append each record (fsynced) and the summary as it finishes."""
-    llm = LLM(model=config.model, **({"log_stats_interval": 0} | config.engine | {"share": share}))
+    llm = LLM(model=config.model,
+              **({"log_stats_interval": 0} | engine_for(config.model, run.spec, config.engine) | {"share": share}))
     engine = llm.llm_engine
     probes = {t.trace_id: ReferenceProbe(t.token_ids, config.top_k, None if dense else load_reference(reference, t))
               for t in todo}
@@ -325,9 +327,10 @@ def run_replay(config: ReplayConfig) -> list[dict[str, Any]]:
     saved configuration differs (matched runs: once their MemShare run is known).
     """
     traces = load_traces(config)
-    specs = expand_sweep(parse_policies(config.policies, config.defaults), config.sweep)
-    dense = [s for s in specs if s.share.policy == "none" and not s.match]
-    specs = (dense or parse_policies("none"))[:1] + [s for s in specs if s not in dense[:1]]
+    specs = expand_kv_dtypes(expand_sweep(parse_policies(config.policies, config.defaults), config.sweep),
+                             config.kv_cache_dtypes)
+    dense = parse_policies("none")[0]  # dense at the model's own dtype: what every KL is measured against
+    specs = [dense, *(s for s in specs if s != dense)]
     runs = plan_runs(specs, config.out / safe_name(Path(config.traces).stem))
     reference = runs[0].sibling(".reference")  # the dense run's top-k, per trace
     for run in runs:

@@ -163,10 +163,16 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
+def kv_dtype(run: dict[str, Any]) -> str:
+    return run["config"]["engine"].get("kv_cache_dtype", "auto")
+
+
 def series_name(run: dict[str, Any]) -> str:
-    """The plot series a run belongs to: its policy plus the off-default knobs that are not swept (e.g. stage1)."""
+    """The plot series a run belongs to: its policy plus the off-default knobs that are not swept (e.g. stage1),
+    and its KV dtype unless `auto`."""
     fixed = {k: v for k, v in parameters(run["config"]["share"]).items() if k not in knobs(run["policy"])}
-    return run["policy"] + (f" ({_knobs_text(fixed)})" if fixed else "")
+    dtype = "" if kv_dtype(run) == "auto" else f" [{kv_dtype(run)}]"
+    return run["policy"] + (f" ({_knobs_text(fixed)})" if fixed else "") + dtype
 
 
 def group_series(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -246,9 +252,19 @@ def load_replay_runs(directory: Path) -> list[dict[str, Any]]:
     return runs
 
 
-REPLAY_COLUMNS = ("policy", "parameters", "traces", "output tok/s", "× dense", "wall s", "batch mean / peak",
-                  "preemptions", "recomputed tokens", "KV blocks mean / peak", "memory saved mean / peak",
-                  "affected ratio", "KL(dense ‖ policy)", "top-1", "sharing time")
+REPLAY_COLUMNS = ("policy", "parameters", "KV dtype", "traces", "output tok/s", "× dense", "wall s",
+                  "batch mean / peak", "preemptions", "recomputed tokens", "KV blocks mean / peak",
+                  "memory saved mean / peak", "KV bytes saved vs float32 / bfloat16", "affected ratio",
+                  "KL(dense ‖ policy)", "top-1", "sharing time")
+
+
+def bytes_saved(summary: dict[str, Any], against: str = "float32") -> float:
+    """Mean KV bytes saved against the dense KV stored in `against`; runs saved before KV dtypes existed held
+    float32 blocks, so their block count is their bytes."""
+    key = f"kv_bytes_saved_vs_{against}"
+    if key in summary:
+        return summary[key]
+    return summary["memory_saved_mean"] if against == "float32" else 2 * summary["memory_saved_mean"] - 1
 
 
 def _optional(value: float | None, spec: str) -> str:
@@ -261,30 +277,43 @@ def _replay_row(run: dict[str, Any], dense: dict[str, Any] | None) -> str:
     if len(s["sessions"]) > 1:
         traces += f" ({len(s['sessions'])} sessions)"  # a resumed run's tok/s is not one batch's
     ratio = s["output_tokens_per_s"] / dense["summary"]["output_tokens_per_s"] if dense else None
-    cells = [run["policy"], _parameters_text(run), traces, f"{s['output_tokens_per_s']:.1f}",
+    cells = [run["policy"], _parameters_text(run), kv_dtype(run), traces, f"{s['output_tokens_per_s']:.1f}",
              _optional(ratio, ".2f"), f"{s['wall_time_s']:.0f}",
              f"{s['num_running_mean']:.1f} / {s['num_running_peak']}", str(s["num_preemptions"]),
              str(s["num_recomputed_tokens"]), f"{s['kv_blocks_mean']:.0f} / {s['kv_blocks_peak']}",
-             f"{s['memory_saved_mean']:.1%} / {s['memory_saved_peak']:.1%}", f"{s['affected_ratio']:.1%}",
+             f"{s['memory_saved_mean']:.1%} / {s['memory_saved_peak']:.1%}",
+             f"{bytes_saved(s):.1%} / {bytes_saved(s, 'bfloat16'):.1%}", f"{s['affected_ratio']:.1%}",
              _optional(s["kl"], ".4f"), _optional(s["top1"], ".1%"), f"{s['sharing_time_share']:.2%}"]
     return "| " + " | ".join(cells) + " |"
 
 
 def kl_crossings(runs: list[dict[str, Any]], level: float) -> dict[str, str]:
-    """Per plot series, where its mean KL first reaches `level` along memory saved (linearly interpolated)."""
+    """Per plot series, where its mean KL first reaches `level` along KV bytes saved (linearly interpolated)."""
     result = {}
+    saved = "of float32's KV bytes saved"
     for name, group in group_series([r for r in runs if r["summary"]["kl"] is not None]).items():
-        points = sorted((r["summary"]["memory_saved_mean"], r["summary"]["kl"]) for r in group)
+        points = sorted((bytes_saved(r["summary"]), r["summary"]["kl"]) for r in group)
         above = next((i for i, (_, kl) in enumerate(points) if kl >= level), None)
         if above is None:
-            result[name] = f"stays below {level} up to {points[-1][0]:.1%} memory saved"
+            result[name] = f"stays below {level} up to {points[-1][0]:.1%} {saved}"
         elif above == 0:
-            result[name] = f"already {points[0][1]:.3f} at {points[0][0]:.1%} memory saved (its least)"
+            result[name] = f"already {points[0][1]:.3f} at {points[0][0]:.1%} {saved} (its least)"
         else:
             (x0, y0), (x1, y1) = points[above - 1], points[above]
             x = x0 + (level - y0) * (x1 - x0) / (y1 - y0)
-            result[name] = f"crosses {level} at about {x:.1%} memory saved (between {x0:.1%} and {x1:.1%})"
+            result[name] = f"crosses {level} at about {x:.1%} {saved} (between {x0:.1%} and {x1:.1%})"
     return result
+
+
+def front(points: list[tuple[float, float, str]], lower_is_better: bool) -> list[tuple[float, float, str]]:
+    """The (memory saved, value, run) points no other point beats at equal or more memory saved: the best value
+    at each memory level."""
+    sign = 1 if lower_is_better else -1
+    best: list[tuple[float, float, str]] = []
+    for point in sorted(points, key=lambda p: (-p[0], sign * p[1])):
+        if not best or sign * point[1] < sign * best[-1][1]:
+            best.append(point)
+    return best[::-1]
 
 
 def replay_levels(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -305,22 +334,34 @@ def plot_replay(title: str, runs: list[dict[str, Any]], dense: dict[str, Any] | 
     time (one line per run); returns the PNG names."""
     plt = _pyplot()
     names = [f"{stem}_kl_throughput_vs_memory.png", f"{stem}_batch_kv.png"]
-    fig, (kl_ax, speed_ax) = plt.subplots(1, 2, figsize=(13, 4.6))
-    for name, group in group_series([r for r in runs if r["summary"]["kl"] is not None]).items():
-        group = sorted(group, key=lambda r: r["summary"]["memory_saved_mean"])
-        x = [r["summary"]["memory_saved_mean"] for r in group]
+    fig, (kl_ax, speed_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    base = dense["summary"]["output_tokens_per_s"] if dense else None
+    scored = [r for r in runs if r["summary"]["kl"] is not None]
+    for name, group in group_series(scored).items():
+        group = sorted(group, key=lambda r: bytes_saved(r["summary"]))
+        x = [bytes_saved(r["summary"]) for r in group]
         kl_ax.plot(x, [max(r["summary"]["kl"], 1e-6) for r in group], marker="o", label=name)
-        if dense:
-            base = dense["summary"]["output_tokens_per_s"]
+        if base:
             speed_ax.plot(x, [r["summary"]["output_tokens_per_s"] / base for r in group], marker="o", label=name)
+    kl_front = front([(bytes_saved(r["summary"]), max(r["summary"]["kl"], 1e-6), r["name"]) for r in scored], True)
+    kl_ax.step([p[0] for p in kl_front], [p[1] for p in kl_front], where="pre", color="black", linewidth=2,
+               alpha=0.35, label="front: lowest KL at each memory level")
+    if base:
+        speed_front = front([(bytes_saved(r["summary"]), r["summary"]["output_tokens_per_s"] / base, r["name"])
+                             for r in scored], False)
+        speed_ax.step([p[0] for p in speed_front], [p[1] for p in speed_front], where="pre", color="black",
+                      linewidth=2, alpha=0.35, label="front: fastest at each memory level")
     kl_ax.axhline(0.05, color="grey", linestyle=":", label="KL 0.05")
-    kl_ax.set(xlabel="memory saved (mean of 1 - physical / logical KV blocks)", yscale="log",
-              ylabel="mean KL(dense || policy) per token, nats", title=f"{title}: fidelity vs. memory")
+    xlabel = "KV bytes saved vs. dense float32 (mean over steps)"
+    kl_ax.set(xlabel=xlabel, yscale="log", ylabel="mean KL(dense || policy) per token, nats",
+              title=f"{title}: fidelity vs. memory")
     speed_ax.axhline(1.0, color="grey", linestyle=":", label="dense")
-    speed_ax.set(xlabel="memory saved (mean)", ylabel="output tok/s ÷ dense (same tokens)",
-                 title=f"{title}: throughput vs. memory")
+    speed_ax.set(xlabel=xlabel, ylabel="output tok/s ÷ dense (same tokens)", title=f"{title}: throughput vs. memory")
     for ax in (kl_ax, speed_ax):
         ax.legend(fontsize=7)
+        # bfloat16 holds half of float32's bytes: saved vs bfloat16 = 2 * saved vs float32 - 1.
+        ax.secondary_xaxis("top", functions=(lambda x: 2 * x - 1, lambda x: (x + 1) / 2)).set_xlabel(
+            "KV bytes saved vs. dense bfloat16", fontsize=8)
     _save(plt, fig, directory / names[0])
     levels = replay_levels(runs)
     fig, axes = plt.subplots(len(levels), 2, figsize=(13, 3.6 * len(levels)), squeeze=False)
@@ -344,7 +385,7 @@ def plot_replay(title: str, runs: list[dict[str, Any]], dense: dict[str, Any] | 
 def _replay_section(directory: Path, runs: list[dict[str, Any]]) -> str:
     first = runs[0]["config"]
     traces, model = first["traces"], first["model"]
-    dense = next((r for r in runs if r["policy"] == "none"), None)
+    dense = next((r for r in runs if r["policy"] == "none" and kv_dtype(r) == "auto"), None)
     stem = safe_name(f"{traces['name']}_{model}")
     title = f"{model}, {traces['name']}"
     blocks = runs[0]["summary"]["sessions"][0]["num_kv_blocks"]
@@ -360,6 +401,11 @@ def _replay_section(directory: Path, runs: list[dict[str, Any]]) -> str:
     if mismatched:
         lines += [f"**Output differs from the forced tokens in: {', '.join(mismatched)}**", ""]
     lines += [f"- {name}: KL {text}" for name, text in kl_crossings(runs, 0.05).items()]
+    scored = [(bytes_saved(r["summary"]), r["summary"]["kl"], r["name"]) for r in runs
+              if r["summary"]["kl"] is not None]
+    if scored:
+        lines += ["", "The front, the lowest KL at each level of KV bytes saved vs. dense float32: "
+                  + "; ".join(f"{name} ({saved:.1%}, KL {kl:.4f})" for saved, kl, name in front(scored, True)) + "."]
     names = plot_replay(title, runs, dense, directory, stem)
     lines += ["", *(f"![{n}]({n})" for n in names)]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from memshare.layers.cpu_kernels import cpu_ops, kernel_applies
+from memshare.layers.kv_cache import KVCache
 
 ATTN_IMPLEMENTATION = "memshare_paged"
 
@@ -37,30 +38,24 @@ class AttentionMetadata:
 
 @dataclass(slots=True)
 class PagedContext:
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [num_blocks, block_size, kv_heads, head_dim]
+    kv_cache: KVCache
     metadata: AttentionMetadata
     decode_queries: list[torch.Tensor] | None = None  # per layer, filled when an eviction policy scores attention
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """[..., blocks * block_size, kv_heads, head_dim] view of a sequence's cache blocks (copied, contiguous)."""
-    blocks = cache.index_select(0, block_table.flatten())
-    return blocks.view(*block_table.shape[:-1], -1, *cache.shape[2:])
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata,
+                     scale: float) -> torch.Tensor:
     """q: [B, heads, head_dim] for B single-token decodes -> [B, heads, head_dim].
 
-    On CPU in float32, the fused kernel; elsewhere one bmm per KV head on strided views of the gathered
-    blocks (no copy to a heads-first layout, none of SDPA's per-call overhead at one query token).
+    On CPU in float32, the fused kernel, which dequantizes each row as it reads it; elsewhere one bmm per KV
+    head on the gathered, dequantized blocks (no copy to a heads-first layout, none of SDPA's per-call overhead at
+    one query token).
     """
-    if kernel_applies(k_cache) and k_cache.is_contiguous():
+    if kernel_applies(q):
         with torch.profiler.record_function("memshare::paged_decode"):  # named in profiles (bench/decode_profile.py)
-            return cpu_ops().paged_decode(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                                          scale)
-    keys = _gather(k_cache, meta.decode_block_tables)  # [B, L, kv_heads, d]
-    values = _gather(v_cache, meta.decode_block_tables)
+            return cpu_ops().paged_decode(q, *cache.kernel_args(layer), meta.decode_block_tables,
+                                          meta.decode_context_lens, scale)
+    keys, values = cache.gather(layer, meta.decode_block_tables)  # [B, L, kv_heads, d]
     num_kv_heads = keys.shape[2]
     padding = torch.arange(keys.shape[1], device=q.device) >= meta.decode_context_lens.unsqueeze(1)
     padding = padding.unsqueeze(1)  # [B, 1, L]: True past each sequence's context
@@ -73,13 +68,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.flatten(1, 2)
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      span: PrefillSpan, scale: float) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, cache: KVCache, layer: int, span: PrefillSpan, scale: float) -> torch.Tensor:
     """q: [n, heads, head_dim] for n consecutive tokens of one sequence -> [n, heads, head_dim]."""
-    group = q.shape[1] // k_cache.shape[2]
+    group = q.shape[1] // cache.num_kv_heads
+    keys, values = cache.gather(layer, span.block_table)
     # Heads repeated explicitly: SDPA's CPU flash kernel does not take grouped KV heads.
-    keys = _gather(k_cache, span.block_table)[: span.context_len].repeat_interleave(group, dim=1).transpose(0, 1)
-    values = _gather(v_cache, span.block_table)[: span.context_len].repeat_interleave(group, dim=1).transpose(0, 1)
+    keys = keys[: span.context_len].repeat_interleave(group, dim=1).transpose(0, 1)
+    values = values[: span.context_len].repeat_interleave(group, dim=1).transpose(0, 1)
     out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=span.mask,
                                          is_causal=span.mask is None, scale=scale)
     return out.transpose(0, 1)
@@ -91,21 +86,18 @@ def paged_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lay
 
     Writes the new keys and values into their cache slots first, then attends through the block tables.
     """
-    k_cache, v_cache = paged.kv_caches[layer_idx]
-    meta = paged.metadata
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, key)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, value)
+    cache, meta = paged.kv_cache, paged.metadata
+    cache.write(layer_idx, meta.slot_mapping, key, value)
     if paged.decode_queries is not None:
         paged.decode_queries.append(q[: meta.num_decodes].clone())
     if not meta.prefills:
-        return decode_attention(q, k_cache, v_cache, meta, scale)
+        return decode_attention(q, cache, layer_idx, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decodes:
-        out[: meta.num_decodes] = decode_attention(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+        out[: meta.num_decodes] = decode_attention(q[: meta.num_decodes], cache, layer_idx, meta, scale)
     for span in meta.prefills:
         out[span.query_start : span.query_end] = prefill_attention(
-            q[span.query_start : span.query_end], k_cache, v_cache, span, scale)
+            q[span.query_start : span.query_end], cache, layer_idx, span, scale)
     return out
 
 

@@ -19,34 +19,85 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 // The vectorized expf (libmvec) drops to a scalar path for a whole vector when one lane is beyond +-87, which
 // made SiLU 2x slower on real activations; clamping there changes results by under 1e-37.
 static inline float fast_exp(float x) { return std::exp(std::min(std::max(x, -80.f), 80.f)); }
 
-// q [B, H, D]; caches [num_blocks, block_size, kv_heads, D]; block_tables [B, W]; context_lens [B].
-// One work item is a sequence with all its KV heads, so that each token's keys (and values) of every head,
-// contiguous in the cache, are read in one sequential sweep; with fewer sequences than threads an item is
-// one KV head of one sequence.
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor block_tables, torch::Tensor context_lens, double scale) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2), G = H / KVH, W = block_tables.size(1);
-  q = q.contiguous();
-  auto out = torch::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = context_lens.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t block_stride = BS * KVH * D, token_stride = KVH * D;
-  const float fscale = static_cast<float>(scale);
-  const int64_t heads_per_item = B >= 2 * at::get_num_threads() ? KVH : 1;
-  const int64_t items_per_seq = KVH / heads_per_item;
+// One plane (K or V) of a layer's cache as the kernel reads it: codes [num_blocks, BS, KVH, D * BITS / 32 floats
+// or bytes], a value being lut[code] * scale + zero. Scale mode 0: none; 1: one per token and head ([NB, BS, KVH]);
+// 2: one per channel, head and block ([NB, KVH, D]). A block with a tail index >= 0 is still being filled and is
+// read from the tail pool instead: int8 codes [tails, BS, KVH, D] with one scale per token and head.
+struct Plane {
+  const void* codes;
+  const at::Half* scale;
+  const at::Half* zero;
+  int64_t mode;
+  const int8_t* tail_codes;
+  const at::Half* tail_scale;
+};
+
+struct Layout {
+  int64_t BS, KVH, D;
+  const float* lut;
+  const int64_t* tail_of_block;
+};
+
+// A pointer to the float row of one token and head: the cache itself for float32, else `buf`, dequantized.
+template <int BITS>
+static inline const float* load_row(const Plane& p, const Layout& l, int64_t blk, int64_t off, int64_t h,
+                                    float* __restrict__ buf) {
+  const int64_t D = l.D, row = (blk * l.BS + off) * l.KVH + h;
+  if (l.tail_of_block != nullptr && l.tail_of_block[blk] >= 0) {
+    const int64_t tail_row = (l.tail_of_block[blk] * l.BS + off) * l.KVH + h;
+    const int8_t* c = p.tail_codes + tail_row * D;
+    const float s = static_cast<float>(p.tail_scale[tail_row]);
+    for (int64_t i = 0; i < D; ++i) buf[i] = static_cast<float>(c[i]) * s;
+    return buf;
+  }
+  if constexpr (BITS == 32) {
+    return static_cast<const float*>(p.codes) + row * D;
+  } else if constexpr (BITS == 16) {
+    const at::BFloat16* c = static_cast<const at::BFloat16*>(p.codes) + row * D;
+    for (int64_t i = 0; i < D; ++i) buf[i] = static_cast<float>(c[i]);
+    return buf;
+  } else {
+    if constexpr (BITS == 8) {
+      const uint8_t* c = static_cast<const uint8_t*>(p.codes) + row * D;
+      for (int64_t i = 0; i < D; ++i) buf[i] = l.lut[c[i]];
+    } else {
+      const uint8_t* c = static_cast<const uint8_t*>(p.codes) + row * (D / 2);
+      for (int64_t i = 0; i < D / 2; ++i) {
+        buf[2 * i] = l.lut[c[i] & 15];
+        buf[2 * i + 1] = l.lut[c[i] >> 4];
+      }
+    }
+    if (p.mode == 1) {
+      const float s = static_cast<float>(p.scale[row]), z = p.zero ? static_cast<float>(p.zero[row]) : 0.f;
+      for (int64_t i = 0; i < D; ++i) buf[i] = buf[i] * s + z;
+    } else if (p.mode == 2) {
+      const at::Half* s = p.scale + (blk * l.KVH + h) * D;
+      const at::Half* z = p.zero + (blk * l.KVH + h) * D;
+      for (int64_t i = 0; i < D; ++i) buf[i] = buf[i] * static_cast<float>(s[i]) + static_cast<float>(z[i]);
+    }
+    return buf;
+  }
+}
+
+// q [B, H, D]; block_tables [B, W]; context_lens [B]. One work item is a sequence with all its KV heads, so that
+// each token's keys (and values) of every head, contiguous in the cache, are read in one sequential sweep; with
+// fewer sequences than threads an item is one KV head of one sequence. Quantized rows are dequantized into a
+// D-float buffer per row, never into a copy of the cache.
+template <int BITS>
+static void decode_impl(const float* qp, float* op, const Plane& K, const Plane& V, const Layout& l,
+                        const int64_t* tables, const int64_t* lens, int64_t B, int64_t H, int64_t W, float fscale) {
+  const int64_t D = l.D, BS = l.BS, G = H / l.KVH;
+  const int64_t heads_per_item = B >= 2 * at::get_num_threads() ? l.KVH : 1;
+  const int64_t items_per_seq = l.KVH / heads_per_item;
   at::parallel_for(0, B * items_per_seq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> score_buf, acc_buf(heads_per_item * G * D), q_buf(heads_per_item * G * D);
+    std::vector<float> score_buf, acc_buf(heads_per_item * G * D), q_buf(heads_per_item * G * D), row_buf(D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / items_per_seq, h0 = (item % items_per_seq) * heads_per_item, L = lens[b];
       const int64_t R = heads_per_item * G;  // query rows of this item
@@ -58,13 +109,14 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       for (int64_t i = 0; i < R * D; ++i) qs[i] = qb[i] * fscale;
       const int64_t* table = tables + b * W;
       for (int64_t t = 0; t < L; ++t) {
-        const float* __restrict__ k = kp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
-        for (int64_t r = 0; r < R; ++r) {
-          const float* __restrict__ kh = k + (r / G) * D;
-          const float* __restrict__ qr = qs + r * D;
-          float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += qr[d] * kh[d];
-          scores[r * L + t] = dot;
+        for (int64_t hh = 0; hh < heads_per_item; ++hh) {
+          const float* __restrict__ kh = load_row<BITS>(K, l, table[t / BS], t % BS, h0 + hh, row_buf.data());
+          for (int64_t g = 0; g < G; ++g) {
+            const float* __restrict__ qr = qs + (hh * G + g) * D;
+            float dot = 0.f;
+            for (int64_t d = 0; d < D; ++d) dot += qr[d] * kh[d];
+            scores[(hh * G + g) * L + t] = dot;
+          }
         }
       }
       for (int64_t r = 0; r < R; ++r) {
@@ -78,17 +130,52 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
       }
       std::fill(acc, acc + R * D, 0.f);
       for (int64_t t = 0; t < L; ++t) {
-        const float* __restrict__ v = vp + table[t / BS] * block_stride + (t % BS) * token_stride + h0 * D;
-        for (int64_t r = 0; r < R; ++r) {
-          const float p = scores[r * L + t];
-          const float* __restrict__ vh = v + (r / G) * D;
-          float* __restrict__ a = acc + r * D;
-          for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
+        for (int64_t hh = 0; hh < heads_per_item; ++hh) {
+          const float* __restrict__ vh = load_row<BITS>(V, l, table[t / BS], t % BS, h0 + hh, row_buf.data());
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = scores[(hh * G + g) * L + t];
+            float* __restrict__ a = acc + (hh * G + g) * D;
+            for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
+          }
         }
       }
       std::copy(acc, acc + R * D, op + (b * H + h0 * G) * D);
     }
   });
+}
+
+static Plane plane(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero, int64_t mode,
+                   const torch::Tensor& tail_codes, const torch::Tensor& tail_scale) {
+  return {codes.data_ptr(), scale.numel() ? scale.data_ptr<at::Half>() : nullptr,
+          zero.numel() ? zero.data_ptr<at::Half>() : nullptr, mode,
+          tail_codes.numel() ? reinterpret_cast<const int8_t*>(tail_codes.data_ptr<uint8_t>()) : nullptr,
+          tail_scale.numel() ? tail_scale.data_ptr<at::Half>() : nullptr};
+}
+
+// The arguments after q are KVCache.kernel_args(layer) followed by the block tables, lengths and scale.
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_scale, torch::Tensor k_zero,
+                           int64_t k_mode, torch::Tensor v_codes, torch::Tensor v_scale, torch::Tensor v_zero,
+                           int64_t v_mode, torch::Tensor lut, int64_t bits, torch::Tensor k_tail_codes,
+                           torch::Tensor k_tail_scale, torch::Tensor v_tail_codes, torch::Tensor v_tail_scale,
+                           torch::Tensor tail_of_block, torch::Tensor block_tables,
+                           torch::Tensor context_lens, double scale) {
+  q = q.contiguous();
+  auto out = torch::empty_like(q);
+  const Layout l{k_codes.size(1), k_codes.size(2), q.size(2), lut.data_ptr<float>(),
+                 tail_of_block.numel() ? tail_of_block.data_ptr<int64_t>() : nullptr};
+  const Plane K = plane(k_codes, k_scale, k_zero, k_mode, k_tail_codes, k_tail_scale);
+  const Plane V = plane(v_codes, v_scale, v_zero, v_mode, v_tail_codes, v_tail_scale);
+  auto run = [&](auto impl) {
+    impl(q.data_ptr<float>(), out.data_ptr<float>(), K, V, l, block_tables.data_ptr<int64_t>(),
+         context_lens.data_ptr<int64_t>(), q.size(0), q.size(1), block_tables.size(1), static_cast<float>(scale));
+  };
+  switch (bits) {
+    case 32: run(decode_impl<32>); break;
+    case 16: run(decode_impl<16>); break;
+    case 8: run(decode_impl<8>); break;
+    case 4: run(decode_impl<4>); break;
+    default: TORCH_CHECK(false, "paged_decode: unsupported code width ", bits);
+  }
   return out;
 }
 
@@ -189,4 +276,5 @@ def cpu_ops():
 
 
 def kernel_applies(x: torch.Tensor) -> bool:
+    """Whether the fused CPU kernels run on tensors like `x` (float32 on CPU, with a compiler at hand)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_ops() is not None

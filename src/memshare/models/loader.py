@@ -1,4 +1,5 @@
 import logging
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -21,6 +22,23 @@ def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
         return getattr(torch, config.dtype)
     # bfloat16 matmuls are ~10x slower than float32 on these CPUs; on GPUs bfloat16 is the norm.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True, slots=True)
+class KVGeometry:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+def kv_geometry(config: EngineConfig) -> KVGeometry:
+    """The shape of the model's KV cache, from its config alone (no weights loaded)."""
+    path, gguf_file = resolve_model(config.model)
+    hf = AutoConfig.from_pretrained(path, gguf_file=gguf_file).get_text_config()
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return KVGeometry(hf.num_hidden_layers, hf.num_key_value_heads, head_dim,
+                      pick_dtype(config, pick_device(config)))
 
 
 def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, torch.device]:
