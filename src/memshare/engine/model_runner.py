@@ -43,21 +43,11 @@ class ModelRunner:
         dtype = self.model.dtype
         self.block_bytes = block_bytes(self.kv_format, self.num_layers, self.block_size, self.num_kv_heads,
                                        self.head_dim)
-        budget = parse_memory(config.kv_cache_memory)
-        num_tail_blocks, tail_bytes = 0, 0
-        if self.kv_format.needs_tail:
-            # A partial block per running sequence (layers/kv_cache.py), and a running sequence holds a block: the
-            # tail needs no more slots than the cache can hold sequences.
-            tail_block = TailPool.block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim)
-            fit = config.num_kv_blocks or budget // (self.block_bytes + tail_block)
-            num_tail_blocks = min(config.max_num_seqs, fit)
-            tail_bytes = num_tail_blocks * tail_block
-        self.num_kv_blocks = config.num_kv_blocks or (budget - tail_bytes) // self.block_bytes
+        self.num_kv_blocks, num_tail_blocks = self._num_blocks(config)
         if self.num_kv_blocks < 1 or (self.kv_format.needs_tail and num_tail_blocks < 1):
+            tail = " beside the 8-bit tail block a running sequence needs" if self.kv_format.needs_tail else ""
             raise KVCacheTooSmallError(f"kv_cache_memory={config.kv_cache_memory!r} holds no block of "
-                                       f"{self.block_bytes} bytes" + (" beside the 8-bit tail block each running "
-                                                                       "sequence needs" if self.kv_format.needs_tail
-                                                                       else ""))
+                                       f"{self.block_bytes} bytes{tail}")
         self.kv_cache = KVCache(self.kv_format, self.num_layers, self.num_kv_blocks, self.block_size,
                                 self.num_kv_heads, self.head_dim, dtype, self.device, num_tail_blocks)
         if self.device.type == "cpu" and dtype == torch.float32:
@@ -68,6 +58,21 @@ class ModelRunner:
         self.capture_queries = False
         self.decode_queries: torch.Tensor | None = None  # [decodes, layers, heads, head_dim] of the last step
         self.sampler = Sampler(self.eos_token_ids, lambda t: self.tokenizer.decode([t]))
+
+    def _num_blocks(self, config: EngineConfig) -> tuple[int, int]:
+        """(KV blocks, tail blocks) of the budget. A per-channel format keeps each running sequence's partial block
+        in a tail (layers/kv_cache.py); a running sequence holds a block, so min(max_num_seqs, blocks) tail slots
+        always suffice. Both are paid from `kv_cache_memory`."""
+        needs_tail = self.kv_format.needs_tail
+        if config.num_kv_blocks:
+            return config.num_kv_blocks, min(config.max_num_seqs, config.num_kv_blocks) if needs_tail else 0
+        budget = parse_memory(config.kv_cache_memory)
+        if not needs_tail:
+            return budget // self.block_bytes, 0
+        tail = TailPool.block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim)
+        num_tails = min(config.max_num_seqs, budget // (self.block_bytes + tail))
+        num_blocks = (budget - num_tails * tail) // self.block_bytes
+        return (num_blocks if num_tails == config.max_num_seqs else num_tails), num_tails
 
     def unrotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cached keys [..., n, kv_heads, head_dim] with the RoPE rotation of `positions` [n] undone.

@@ -7,7 +7,8 @@ token is written and stored beside its block, so a block's bytes (and so the blo
 from the format alone:
 
 - `auto` / `float32` / `bfloat16`: plain values, no scale.
-- `fp8` (= `fp8_e4m3`), `fp8_e5m2`: one scale per tensor, 1.0, as vLLM uses without calibration data.
+- `fp8` (= `fp8_e4m3`), `fp8_e5m2`: a scale per token and KV head. vLLM keeps one scale per tensor, 1.0 without
+  calibration data; at 1.0, 44% of smollm2's layer-0 values fall below e4m3's smallest normal number.
 - `int8_per_token_head`, `int4_per_token_head` (vLLM's names): a symmetric scale per token and KV head.
 - `int4_kivi` (KIVI, Liu et al. 2024): keys per channel over a block's tokens, values per token, both asymmetric.
   A key channel's range is known only when its block is full, so the newest, partial block of each sequence stays
@@ -114,6 +115,11 @@ def _unpack4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
 
 
+def _scale(raw: torch.Tensor) -> torch.Tensor:
+    # As stored (float16), and never 0 (an all-zero row would divide by it): float16's smallest subnormal at least.
+    return raw.to(SCALE_DTYPE).float().clamp_min(2**-24)
+
+
 def quantize(fmt: KVFormat, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                    torch.Tensor | None]:
     """Codes, scale and zero point of x [..., n, kv_heads, head_dim]; `channel` scales reduce over n."""
@@ -124,19 +130,19 @@ def quantize(fmt: KVFormat, x: torch.Tensor, mode: str) -> tuple[torch.Tensor, t
     squeeze = -3 if mode == "channel" else -1
     if fmt.fp8 is not None:
         limit = torch.finfo(fmt.fp8).max
-        scale = (x.abs().amax(dims, keepdim=True) / limit).clamp_min(1e-12).to(SCALE_DTYPE).float()
+        scale = _scale(x.abs().amax(dims, keepdim=True) / limit)
         # Saturated: the fp16-rounded scale may put the largest value just past the limit, where a cast gives NaN.
         codes = (x / scale).clamp(-limit, limit).to(fmt.fp8).view(torch.uint8)
         return codes, scale.squeeze(squeeze).to(SCALE_DTYPE), None
     levels = 2**fmt.bits - 1
     if fmt.asymmetric:
         low, high = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
-        scale = ((high - low) / levels).clamp_min(1e-6).to(SCALE_DTYPE).float()
+        scale = _scale((high - low) / levels)
         zero = low.to(SCALE_DTYPE).float()
         codes = ((x - zero) / scale).round().clamp(0, levels).to(torch.uint8)
     else:
         half = levels // 2  # 127 or 7: symmetric around zero
-        scale = (x.abs().amax(dims, keepdim=True) / half).clamp_min(1e-6).to(SCALE_DTYPE).float()
+        scale = _scale(x.abs().amax(dims, keepdim=True) / half)
         zero = None
         signed = (x / scale).round().clamp(-half, half)
         codes = (signed + 8).to(torch.uint8) if fmt.bits == 4 else signed.to(torch.int8).view(torch.uint8)
@@ -202,7 +208,7 @@ class KVCache:
             self.tail.plan(slot_mapping, self.block_size)
 
     def release(self, block_id: int) -> None:
-        """The block's content is dead (freed with no reference left): drop its full-precision tail, if any."""
+        """The block's content is dead (freed with no reference left): drop its tail, if any."""
         if self.format.needs_tail:
             self.tail.release(block_id)
 
