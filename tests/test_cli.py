@@ -18,3 +18,17 @@ def test_prefix_caching_defaults_on_and_has_both_switches():
     assert engine_kwargs(parse(["generate", "x"]))["enable_prefix_caching"] is True
     assert engine_kwargs(parse(["generate", "x", "--enable-prefix-caching"]))["enable_prefix_caching"] is True
     assert engine_kwargs(parse(["generate", "x", "--num-kv-blocks", "9"]))["num_kv_blocks"] == 9
+
+
+def test_kv_cache_dtype_flag_takes_vllm_names_and_a_list_for_the_tools(tmp_path, capsys):
+    import pytest
+
+    from memshare.entrypoints.cli import main
+
+    assert engine_kwargs(build_parser().parse_args(["generate", "x", "--kv-cache-dtype", "fp8"]))["kv_cache_dtype"] \
+        == "fp8"
+    with pytest.raises(SystemExit) as exit_info:  # an unknown dtype in a tool's list stops before any model loads
+        main(["replay", "--traces", str(tmp_path / "none.jsonl"), "--kv-cache-dtype", "auto,fp4", "--out",
+              str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "fp4" in capsys.readouterr().err and not (tmp_path / "none").exists()

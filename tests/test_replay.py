@@ -256,3 +256,33 @@ def test_killed_replay_resumes_to_the_uninterrupted_result(tmp_path, trace_file)
         assert stable(killed) == stable(whole)
     sessions = json.loads(summary.read_text())["sessions"]
     assert len(sessions) == 2 and sum(s["problems"] for s in sessions) == 3
+
+
+def test_replay_runs_every_policy_at_every_kv_dtype_at_equal_bytes(tmp_path, trace_file):
+    """Dense at the model's dtype is the KL reference; each dtype's MemShare and its matched baseline run on the
+    same tokens in the bytes of 18 float32 blocks; the report gives bytes saved and draws the front."""
+    from memshare.entrypoints.cli import main
+
+    main([*REPLAY, "--traces", str(trace_file), "--out", str(tmp_path), "--kv-cache-dtype", "int8_per_token_head",
+          "--policies", "none,memshare:step_threshold=0.3:block_threshold=0.3,streamingllm:kv_budget=memshare"])
+    runs = {json.loads(p.read_text())["run"]: json.loads(p.read_text())
+            for p in (tmp_path / "mini").glob("*.config.json")}
+    int8 = "[int8_per_token_head]"
+    assert sorted(runs) == sorted(["none", f"none {int8}", f"memshare(step_threshold=0.3, block_threshold=0.3) {int8}",
+                                   f"streamingllm(kv_budget=memshare) {int8} vs memshare(step_threshold=0.3, "
+                                   f"block_threshold=0.3) {int8}"])
+    assert runs["none"]["engine"]["num_kv_blocks"] == 18 and runs["none"]["engine"]["kv_cache_dtype"] == "auto"
+    float32_bytes = 18 * 16 * 30 * 3 * 64 * 2 * 4  # smollm2: 30 layers, 3 KV heads of 64
+    quantized = [c["engine"] for name, c in runs.items() if name != "none"]
+    assert all(e["num_kv_blocks"] is None and e["kv_cache_memory"] == float32_bytes for e in quantized)
+    summaries = {s["run"]: s for s in (json.loads(p.read_text()) for p in (tmp_path / "mini").glob("*.summary.json"))}
+    assert all(s["tokens_match"] and s["output_tokens"] == 288 for s in summaries.values())
+    dense, dense_int8 = summaries["none"], summaries[f"none {int8}"]
+    assert dense["kv_bytes_saved_vs_float32"] == 0 and dense["kv_bytes_saved_vs_bfloat16"] == -1
+    # int8 codes with a float16 scale per 64 values: 1 - (64 + 2) / 256 of float32's bytes saved.
+    assert dense_int8["kv_bytes_saved_vs_float32"] == pytest.approx(1 - 66 / 256)
+    assert 0 < dense_int8["kl"] < 0.01 and dense_int8["num_preemptions"] < dense["num_preemptions"]
+    matched = runs[next(n for n in runs if n.startswith("streamingllm"))]["matched"]
+    assert matched["memshare_run"].endswith(int8)
+    report = (tmp_path / "report.md").read_text()
+    assert "| int8_per_token_head |" in report and "The front, the lowest KL" in report

@@ -4,6 +4,7 @@ from memshare.config import EngineConfig, ShareConfig, register_policy, share_co
 from memshare.engine.llm import LLM
 from memshare.errors import (
     ChecksumError,
+    KVCacheDtypeError,
     KVCacheTooSmallError,
     MemShareError,
     PromptTooLongError,
@@ -18,4 +19,5 @@ __all__ = [
     "MemShareConfig", "RandomShareConfig", "StreamingLLMConfig", "H2OConfig", "RKVConfig", "share_config",
     "register_policy",
     "MemShareError", "UnknownModelError", "ChecksumError", "PromptTooLongError", "KVCacheTooSmallError",
+    "KVCacheDtypeError",
 ]

@@ -28,7 +28,7 @@ class LLM:
     >>> outs = llm.generate(["Solve 12*13."], SamplingParams(temperature=0, max_tokens=64))
 
     `model` is a registered short name, a Hugging Face model directory, or a .gguf file. Other keyword
-    arguments are `EngineConfig` fields (kv_cache_memory, num_kv_blocks, block_size, max_num_seqs, ...);
+    arguments are `EngineConfig` fields (kv_cache_memory, num_kv_blocks, kv_cache_dtype, block_size, max_num_seqs, ...);
     `share=MemShareConfig(step_threshold=0.9, block_threshold=0.8)` turns on MemShare; any registered
     policy's config (`share_config("h2o", kv_budget=0.5)`) selects that policy.
     """

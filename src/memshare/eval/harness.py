@@ -21,7 +21,15 @@ from memshare.engine.llm import LLM
 from memshare.errors import MemShareError
 from memshare.eval.datasets import BUILTIN, DEFAULT_INSTRUCTION, Problem, chat_prompt, load_problems
 from memshare.eval.grading import is_correct
-from memshare.eval.policies import PolicySpec, engine_for, expand_kv_dtypes, expand_sweep, parse_policies, share_for
+from memshare.eval.policies import (
+    PolicySpec,
+    check_kv_cache_dtypes,
+    engine_for,
+    expand_kv_dtypes,
+    expand_sweep,
+    parse_policies,
+    share_for,
+)
 from memshare.eval.report import parameters, read_records, safe_name, score
 from memshare.outputs import RequestOutput
 from memshare.sampling_params import SamplingParams
@@ -71,6 +79,7 @@ class EvalConfig:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        check_kv_cache_dtypes(self.kv_cache_dtypes)
         self.sampling(0)  # raises on bad sampling values before any model loads
 
     def sampling(self, index: int) -> SamplingParams:

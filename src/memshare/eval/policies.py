@@ -35,11 +35,15 @@ class PolicySpec:
         return self.share.policy + (f"({', '.join(parts)})" if parts else "") + dtype
 
 
-def expand_kv_dtypes(specs: list[PolicySpec], kv_cache_dtypes: list[str]) -> list[PolicySpec]:
-    """Every spec at every KV dtype, dtype by dtype, so a matched spec matches the MemShare run of its own dtype."""
+def check_kv_cache_dtypes(kv_cache_dtypes: list[str]) -> None:
     unknown = [d for d in kv_cache_dtypes if d not in KV_CACHE_DTYPES]
     if unknown or not kv_cache_dtypes:
         raise KVCacheDtypeError(f"kv_cache_dtype {unknown or kv_cache_dtypes} is not among {KV_CACHE_DTYPES}")
+
+
+def expand_kv_dtypes(specs: list[PolicySpec], kv_cache_dtypes: list[str]) -> list[PolicySpec]:
+    """Every spec at every KV dtype, dtype by dtype, so a matched spec matches the MemShare run of its own dtype."""
+    check_kv_cache_dtypes(kv_cache_dtypes)
     return [replace(spec, kv_cache_dtype=dtype) for dtype in dict.fromkeys(kv_cache_dtypes) for spec in specs]
 
 

@@ -40,7 +40,14 @@ from memshare.eval.harness import (
     session_stats,
     write_atomic,
 )
-from memshare.eval.policies import engine_for, expand_kv_dtypes, expand_sweep, parse_policies, share_for
+from memshare.eval.policies import (
+    check_kv_cache_dtypes,
+    engine_for,
+    expand_kv_dtypes,
+    expand_sweep,
+    parse_policies,
+    share_for,
+)
 from memshare.eval.report import safe_name
 from memshare.sampling_params import SamplingParams
 
@@ -172,6 +179,7 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.top_k < 1 or (self.limit is not None and self.limit < 1):
             raise ValueError("max_tokens, top_k and limit must be >= 1")
+        check_kv_cache_dtypes(self.kv_cache_dtypes)
 
 
 def run_config(config: ReplayConfig, run: Run, share: ShareConfig, traces: list[Trace],

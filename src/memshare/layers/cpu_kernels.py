@@ -26,8 +26,8 @@ _SOURCE = r"""
 // made SiLU 2x slower on real activations; clamping there changes results by under 1e-37.
 static inline float fast_exp(float x) { return std::exp(std::min(std::max(x, -80.f), 80.f)); }
 
-// One plane (K or V) of a layer's cache as the kernel reads it: codes [num_blocks, BS, KVH, D * BITS / 32 floats
-// or bytes], a value being lut[code] * scale + zero. Scale mode 0: none; 1: one per token and head ([NB, BS, KVH]);
+// One plane (K or V) of a layer's cache as the kernel reads it: codes [num_blocks, BS, KVH, D values], a value
+// being code * scale + zero (fp8: lut[code] * scale, lut[byte] the byte's fp8 value; int4: two codes a byte). Scale mode 0: none; 1: one per token and head ([NB, BS, KVH]);
 // 2: one per channel, head and block ([NB, KVH, D]). A block with a tail index >= 0 is still being filled and is
 // read from the tail pool instead: int8 codes [tails, BS, KVH, D] with one scale per token and head.
 struct Plane {
@@ -42,11 +42,15 @@ struct Plane {
 struct Layout {
   int64_t BS, KVH, D;
   const float* lut;
+  float int4_offset;  // 8: symmetric codes around zero; 0: asymmetric with a zero point
   const int64_t* tail_of_block;
 };
 
+// How codes are stored: each decode loop below vectorizes; only fp8 goes through its 256-entry table.
+enum Code { F32, BF16, INT8, FP8, INT4 };
+
 // A pointer to the float row of one token and head: the cache itself for float32, else `buf`, dequantized.
-template <int BITS>
+template <int CODE>
 static inline const float* load_row(const Plane& p, const Layout& l, int64_t blk, int64_t off, int64_t h,
                                     float* __restrict__ buf) {
   const int64_t D = l.D, row = (blk * l.BS + off) * l.KVH + h;
@@ -57,21 +61,24 @@ static inline const float* load_row(const Plane& p, const Layout& l, int64_t blk
     for (int64_t i = 0; i < D; ++i) buf[i] = static_cast<float>(c[i]) * s;
     return buf;
   }
-  if constexpr (BITS == 32) {
+  if constexpr (CODE == F32) {
     return static_cast<const float*>(p.codes) + row * D;
-  } else if constexpr (BITS == 16) {
+  } else if constexpr (CODE == BF16) {
     const at::BFloat16* c = static_cast<const at::BFloat16*>(p.codes) + row * D;
     for (int64_t i = 0; i < D; ++i) buf[i] = static_cast<float>(c[i]);
     return buf;
   } else {
-    if constexpr (BITS == 8) {
+    if constexpr (CODE == INT8) {
+      const int8_t* c = static_cast<const int8_t*>(p.codes) + row * D;
+      for (int64_t i = 0; i < D; ++i) buf[i] = static_cast<float>(c[i]);
+    } else if constexpr (CODE == FP8) {
       const uint8_t* c = static_cast<const uint8_t*>(p.codes) + row * D;
       for (int64_t i = 0; i < D; ++i) buf[i] = l.lut[c[i]];
     } else {
       const uint8_t* c = static_cast<const uint8_t*>(p.codes) + row * (D / 2);
       for (int64_t i = 0; i < D / 2; ++i) {
-        buf[2 * i] = l.lut[c[i] & 15];
-        buf[2 * i + 1] = l.lut[c[i] >> 4];
+        buf[2 * i] = static_cast<float>(c[i] & 15) - l.int4_offset;
+        buf[2 * i + 1] = static_cast<float>(c[i] >> 4) - l.int4_offset;
       }
     }
     if (p.mode == 1) {
@@ -90,7 +97,7 @@ static inline const float* load_row(const Plane& p, const Layout& l, int64_t blk
 // each token's keys (and values) of every head, contiguous in the cache, are read in one sequential sweep; with
 // fewer sequences than threads an item is one KV head of one sequence. Quantized rows are dequantized into a
 // D-float buffer per row, never into a copy of the cache.
-template <int BITS>
+template <int CODE>
 static void decode_impl(const float* qp, float* op, const Plane& K, const Plane& V, const Layout& l,
                         const int64_t* tables, const int64_t* lens, int64_t B, int64_t H, int64_t W, float fscale) {
   const int64_t D = l.D, BS = l.BS, G = H / l.KVH;
@@ -110,7 +117,7 @@ static void decode_impl(const float* qp, float* op, const Plane& K, const Plane&
       const int64_t* table = tables + b * W;
       for (int64_t t = 0; t < L; ++t) {
         for (int64_t hh = 0; hh < heads_per_item; ++hh) {
-          const float* __restrict__ kh = load_row<BITS>(K, l, table[t / BS], t % BS, h0 + hh, row_buf.data());
+          const float* __restrict__ kh = load_row<CODE>(K, l, table[t / BS], t % BS, h0 + hh, row_buf.data());
           for (int64_t g = 0; g < G; ++g) {
             const float* __restrict__ qr = qs + (hh * G + g) * D;
             float dot = 0.f;
@@ -131,7 +138,7 @@ static void decode_impl(const float* qp, float* op, const Plane& K, const Plane&
       std::fill(acc, acc + R * D, 0.f);
       for (int64_t t = 0; t < L; ++t) {
         for (int64_t hh = 0; hh < heads_per_item; ++hh) {
-          const float* __restrict__ vh = load_row<BITS>(V, l, table[t / BS], t % BS, h0 + hh, row_buf.data());
+          const float* __restrict__ vh = load_row<CODE>(V, l, table[t / BS], t % BS, h0 + hh, row_buf.data());
           for (int64_t g = 0; g < G; ++g) {
             const float p = scores[(hh * G + g) * L + t];
             float* __restrict__ a = acc + (hh * G + g) * D;
@@ -155,13 +162,13 @@ static Plane plane(const torch::Tensor& codes, const torch::Tensor& scale, const
 // The arguments after q are KVCache.kernel_args(layer) followed by the block tables, lengths and scale.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_codes, torch::Tensor k_scale, torch::Tensor k_zero,
                            int64_t k_mode, torch::Tensor v_codes, torch::Tensor v_scale, torch::Tensor v_zero,
-                           int64_t v_mode, torch::Tensor lut, int64_t bits, torch::Tensor k_tail_codes,
+                           int64_t v_mode, torch::Tensor lut, int64_t code, torch::Tensor k_tail_codes,
                            torch::Tensor k_tail_scale, torch::Tensor v_tail_codes, torch::Tensor v_tail_scale,
                            torch::Tensor tail_of_block, torch::Tensor block_tables,
                            torch::Tensor context_lens, double scale) {
   q = q.contiguous();
   auto out = torch::empty_like(q);
-  const Layout l{k_codes.size(1), k_codes.size(2), q.size(2), lut.data_ptr<float>(),
+  const Layout l{k_codes.size(1), k_codes.size(2), q.size(2), lut.data_ptr<float>(), -lut.data_ptr<float>()[0],
                  tail_of_block.numel() ? tail_of_block.data_ptr<int64_t>() : nullptr};
   const Plane K = plane(k_codes, k_scale, k_zero, k_mode, k_tail_codes, k_tail_scale);
   const Plane V = plane(v_codes, v_scale, v_zero, v_mode, v_tail_codes, v_tail_scale);
@@ -169,12 +176,13 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_codes, torch::Tensor
     impl(q.data_ptr<float>(), out.data_ptr<float>(), K, V, l, block_tables.data_ptr<int64_t>(),
          context_lens.data_ptr<int64_t>(), q.size(0), q.size(1), block_tables.size(1), static_cast<float>(scale));
   };
-  switch (bits) {
-    case 32: run(decode_impl<32>); break;
-    case 16: run(decode_impl<16>); break;
-    case 8: run(decode_impl<8>); break;
-    case 4: run(decode_impl<4>); break;
-    default: TORCH_CHECK(false, "paged_decode: unsupported code width ", bits);
+  switch (code) {
+    case F32: run(decode_impl<F32>); break;
+    case BF16: run(decode_impl<BF16>); break;
+    case INT8: run(decode_impl<INT8>); break;
+    case FP8: run(decode_impl<FP8>); break;
+    case INT4: run(decode_impl<INT4>); break;
+    default: TORCH_CHECK(false, "paged_decode: unknown code kind ", code);
   }
   return out;
 }

@@ -42,6 +42,13 @@ class KVFormat:
         return self.bits <= 8
 
     @property
+    def kernel_code(self) -> int:
+        """The C++ decode kernel's name for how codes are stored (layers/cpu_kernels.py, enum Code)."""
+        if self.fp8 is not None:
+            return 3
+        return {32: 0, 16: 1, 8: 2, 4: 4}[self.bits]
+
+    @property
     def needs_tail(self) -> bool:
         return "channel" in (self.key_scales, self.value_scales)
 
@@ -267,7 +274,7 @@ class KVCache:
         for plane in self.layers[layer]:
             args += [plane.codes, empty if plane.scale is None else plane.scale,
                      empty if plane.zero is None else plane.zero, modes[plane.scale_mode]]
-        return [*args, self.lut, self.format.bits, *self.tail.kernel_args(layer)]
+        return [*args, self.lut, self.format.kernel_code, *self.tail.kernel_args(layer)]
 
 
 class TailPool:
