@@ -27,9 +27,10 @@ _SOURCE = r"""
 static inline float fast_exp(float x) { return std::exp(std::min(std::max(x, -80.f), 80.f)); }
 
 // One plane (K or V) of a layer's cache as the kernel reads it: codes [num_blocks, BS, KVH, D values], a value
-// being code * scale + zero (fp8: lut[code] * scale, lut[byte] the byte's fp8 value; int4: two codes a byte). Scale mode 0: none; 1: one per token and head ([NB, BS, KVH]);
-// 2: one per channel, head and block ([NB, KVH, D]). A block with a tail index >= 0 is still being filled and is
-// read from the tail pool instead: int8 codes [tails, BS, KVH, D] with one scale per token and head.
+// being code * scale + zero (fp8: lut[code] * scale, lut[byte] the byte's fp8 value; int4: two codes a byte).
+// Scale mode 0: none; 1: one per token and head ([NB, BS, KVH]); 2: one per channel, head and block
+// ([NB, KVH, D]). A block with a tail index >= 0 is still being filled and is read from the tail pool instead:
+// int8 codes [tails, BS, KVH, D] with one scale per token and head.
 struct Plane {
   const void* codes;
   const at::Half* scale;
@@ -46,13 +47,33 @@ struct Layout {
   const int64_t* tail_of_block;
 };
 
+// Per-channel scales and zero points (mode 2) of the block last read for each head, in float: a block's 16 tokens
+// share them, so they are converted from float16 once per block instead of once per token.
+struct ChannelScales {
+  std::vector<float> values;  // per head: D scales, then D zero points
+  std::vector<int64_t> block;  // per head slot: block * KVH + head of the values held
+  ChannelScales(int64_t heads, int64_t D) : values(heads * 2 * D), block(heads, -1) {}
+  const float* scale(const struct Plane& p, const Layout& l, int64_t blk, int64_t h);
+};
+
 // How codes are stored: each decode loop below vectorizes; only fp8 goes through its 256-entry table.
 enum Code { F32, BF16, INT8, FP8, INT4 };
 
 // A pointer to the float row of one token and head: the cache itself for float32, else `buf`, dequantized.
+const float* ChannelScales::scale(const Plane& p, const Layout& l, int64_t blk, int64_t h) {
+  const int64_t D = l.D, slot = h % static_cast<int64_t>(block.size()), key = blk * l.KVH + h;
+  float* out = values.data() + slot * 2 * D;
+  if (block[slot] != key) {
+    const at::Half *s = p.scale + key * D, *z = p.zero + key * D;
+    for (int64_t i = 0; i < D; ++i) { out[i] = static_cast<float>(s[i]); out[D + i] = static_cast<float>(z[i]); }
+    block[slot] = key;
+  }
+  return out;
+}
+
 template <int CODE>
 static inline const float* load_row(const Plane& p, const Layout& l, int64_t blk, int64_t off, int64_t h,
-                                    float* __restrict__ buf) {
+                                    float* __restrict__ buf, ChannelScales& channel) {
   const int64_t D = l.D, row = (blk * l.BS + off) * l.KVH + h;
   if (l.tail_of_block != nullptr && l.tail_of_block[blk] >= 0) {
     const int64_t tail_row = (l.tail_of_block[blk] * l.BS + off) * l.KVH + h;
@@ -85,9 +106,8 @@ static inline const float* load_row(const Plane& p, const Layout& l, int64_t blk
       const float s = static_cast<float>(p.scale[row]), z = p.zero ? static_cast<float>(p.zero[row]) : 0.f;
       for (int64_t i = 0; i < D; ++i) buf[i] = buf[i] * s + z;
     } else if (p.mode == 2) {
-      const at::Half* s = p.scale + (blk * l.KVH + h) * D;
-      const at::Half* z = p.zero + (blk * l.KVH + h) * D;
-      for (int64_t i = 0; i < D; ++i) buf[i] = buf[i] * static_cast<float>(s[i]) + static_cast<float>(z[i]);
+      const float *s = channel.scale(p, l, blk, h), *z = s + D;
+      for (int64_t i = 0; i < D; ++i) buf[i] = buf[i] * s[i] + z[i];
     }
     return buf;
   }
@@ -105,6 +125,7 @@ static void decode_impl(const float* qp, float* op, const Plane& K, const Plane&
   const int64_t items_per_seq = l.KVH / heads_per_item;
   at::parallel_for(0, B * items_per_seq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> score_buf, acc_buf(heads_per_item * G * D), q_buf(heads_per_item * G * D), row_buf(D);
+    ChannelScales k_channels(heads_per_item, D), v_channels(heads_per_item, D);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / items_per_seq, h0 = (item % items_per_seq) * heads_per_item, L = lens[b];
       const int64_t R = heads_per_item * G;  // query rows of this item
@@ -117,7 +138,8 @@ static void decode_impl(const float* qp, float* op, const Plane& K, const Plane&
       const int64_t* table = tables + b * W;
       for (int64_t t = 0; t < L; ++t) {
         for (int64_t hh = 0; hh < heads_per_item; ++hh) {
-          const float* __restrict__ kh = load_row<CODE>(K, l, table[t / BS], t % BS, h0 + hh, row_buf.data());
+          const float* __restrict__ kh = load_row<CODE>(K, l, table[t / BS], t % BS, h0 + hh, row_buf.data(),
+                                                             k_channels);
           for (int64_t g = 0; g < G; ++g) {
             const float* __restrict__ qr = qs + (hh * G + g) * D;
             float dot = 0.f;
@@ -138,7 +160,8 @@ static void decode_impl(const float* qp, float* op, const Plane& K, const Plane&
       std::fill(acc, acc + R * D, 0.f);
       for (int64_t t = 0; t < L; ++t) {
         for (int64_t hh = 0; hh < heads_per_item; ++hh) {
-          const float* __restrict__ vh = load_row<CODE>(V, l, table[t / BS], t % BS, h0 + hh, row_buf.data());
+          const float* __restrict__ vh = load_row<CODE>(V, l, table[t / BS], t % BS, h0 + hh, row_buf.data(),
+                                                             v_channels);
           for (int64_t g = 0; g < G; ++g) {
             const float p = scores[(hh * G + g) * L + t];
             float* __restrict__ a = acc + (hh * G + g) * D;

@@ -279,7 +279,8 @@ class KVCache:
 
 class TailPool:
     """The blocks still being filled, for formats whose scales need a whole block: held at 8 bits per token and
-    KV head (int8_per_token_head, a rounding error a hundred times below 4-bit's), one block per running sequence."""
+    KV head (int8_per_token_head, a rounding error a hundred times below 4-bit's), one block per running sequence.
+    A token is quantized to 8 bits once, when written; its block is quantized to 4 bits once, when it fills."""
 
     format = FORMATS["int8_per_token_head"]
 
@@ -310,48 +311,55 @@ class TailPool:
             self.of_block[block_id] = -1
 
     def plan(self, slot_mapping: list[int], block_size: int) -> None:
-        """Touched blocks in first-write order: read their old tail, quantize the full ones, keep the rest."""
-        touched: dict[int, int] = {}  # block id -> last offset written
+        """Sort this step's tokens: those of blocks that stay partial go to their block's tail slot; the blocks that
+        fill are assembled (earlier tokens from the tail, then this step's) and quantized whole."""
+        last: dict[int, int] = {}  # block id -> last offset written
         for slot in slot_mapping:
-            touched[slot // block_size] = slot % block_size
+            last[slot // block_size] = slot % block_size
         for block in {slot // block_size for slot in slot_mapping if slot % block_size == 0}:
             self.release(block)  # written from offset 0: a new block; whatever it held is dead
-        blocks = list(touched)
-        old = [self.slots.get(b, -1) for b in blocks]
-        full = [i for i, b in enumerate(blocks) if touched[b] == block_size - 1]
-        partial = [i for i, b in enumerate(blocks) if touched[b] != block_size - 1]
-        for i in full:
-            self.release(blocks[i])
-        for i in partial:
-            if blocks[i] not in self.slots:
+        full = [b for b, offset in last.items() if offset == block_size - 1]
+        old_tails = {b: self.slots[b] for b in full if b in self.slots}
+        for block in full:
+            self.release(block)
+        for block in last:
+            if block not in full and block not in self.slots:
                 if not self.free:
                     raise RuntimeError("KV tail pool exhausted: more partial blocks than running sequences")
-                self.slots[blocks[i]] = self.free.pop()
-                self.of_block[blocks[i]] = self.slots[blocks[i]]
-        row = {b: i for i, b in enumerate(blocks)}
-        had_tail = [i for i, t in enumerate(old) if t >= 0]
+                self.slots[block] = self.free.pop()
+                self.of_block[block] = self.slots[block]
+        row = {b: i for i, b in enumerate(full)}
+        tail_tokens, tail_slots, full_tokens, full_slots = [], [], [], []
+        for token, slot in enumerate(slot_mapping):
+            block, offset = divmod(slot, block_size)
+            if block in row:
+                full_tokens.append(token)
+                full_slots.append(row[block] * block_size + offset)
+            else:
+                tail_tokens.append(token)
+                tail_slots.append(self.slots[block] * block_size + offset)
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.of_block.device)
 
-        scratch_slots = [row[s // block_size] * block_size + s % block_size for s in slot_mapping]
-        self.step = (len(blocks), tensor(scratch_slots), tensor(had_tail), tensor([old[i] for i in had_tail]),
-                     tensor(full), tensor([blocks[i] for i in full]), tensor(partial),
-                     tensor([self.slots[blocks[i]] for i in partial]))
+        self.step = (tensor(tail_tokens), tensor(tail_slots), tensor(full), tensor(full_tokens), tensor(full_slots),
+                     tensor([row[b] for b in old_tails]), tensor(list(old_tails.values())))
 
     def write(self, cache: KVCache, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Each touched block in a float scratch (its tail, then this step's tokens): full ones are quantized into
-        the cache, partial ones go back to the tail."""
-        num_rows, scratch_slots, had_tail, old_tails, full_rows, full_blocks, partial_rows, new_tails = self.step
+        """Tokens of partial blocks into their tail at 8 bits; blocks that fill quantized whole into the cache."""
+        tail_tokens, tail_slots, full_blocks, full_tokens, full_slots, rows_with_tail, old_tails = self.step
         full = []
         for plane, x in zip(self.layers[layer], (key, value)):
-            rows = x.new_zeros((num_rows, *plane.codes.shape[1:]))
-            rows[had_tail] = self._dequantize(plane, old_tails, x.dtype)
-            rows.view(-1, *rows.shape[2:]).index_copy_(0, scratch_slots, x)
-            codes, scale, _ = quantize(self.format, rows[partial_rows], "token")
-            plane.codes[new_tails], plane.scale[new_tails] = codes, scale
-            full.append(rows[full_rows])
-        if len(full_blocks):
+            if len(full_blocks):  # first: a filled block's tail slot may be a new partial block's now
+                rows = x.new_zeros((len(full_blocks), *plane.codes.shape[1:]))
+                rows[rows_with_tail] = self._dequantize(plane, old_tails, x.dtype)
+                rows.view(-1, *rows.shape[2:]).index_copy_(0, full_slots, x.index_select(0, full_tokens))
+                full.append(rows)
+            if len(tail_tokens):
+                codes, scale, _ = quantize(self.format, x.index_select(0, tail_tokens), "token")
+                plane.codes.view(-1, *plane.codes.shape[2:]).index_copy_(0, tail_slots, codes)
+                plane.scale.view(-1, plane.scale.shape[-1]).index_copy_(0, tail_slots, scale)
+        if full:
             cache.store_blocks(layer, full_blocks, *full)
 
     def _dequantize(self, plane: KVPlane, tails: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
