@@ -36,8 +36,8 @@ def scatter(length: int, generator: torch.Generator, cache: KVCache, free: list[
     return table, stored_k[:length], stored_v[:length]
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16", "fp8_e5m2", "int8_per_token_head", "int4_per_token_head",
-                                            "int4_kivi"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "bfloat16", "fp8_e5m2", "int8_per_token_head",
+                                            "int4_per_token_head", "int4_kivi"])
 @pytest.mark.parametrize("path", ["cpu_kernel", "torch"])
 def test_paged_attention_matches_dense(path, kv_cache_dtype, monkeypatch):
     """Decode (the C++ kernel dequantizing in registers, or the torch fallback) and prefill over a quantized cache
