@@ -164,7 +164,7 @@ def _save(plt, fig, path: Path) -> None:
 
 
 def kv_dtype(run: dict[str, Any]) -> str:
-    return run["config"]["engine"].get("kv_cache_dtype", "auto")
+    return run["config"].get("engine", {}).get("kv_cache_dtype", "auto")
 
 
 def series_name(run: dict[str, Any]) -> str:
