@@ -176,15 +176,19 @@ def test_sweep_expands_level_by_level_and_runs_dense_once():
         expand_sweep(specs, parse_sweep(["block_threshold=-1"]))
 
 
-def test_kl_crossings_interpolate_along_memory_saved():
-    def run(policy: str, saved: float, kl: float) -> dict:
+def test_kl_crossings_interpolate_along_kv_bytes_saved():
+    def run(policy: str, saved: float, kl: float, **summary: float) -> dict:
         share = {"policy": policy, "kv_budget": saved} if policy != "memshare" else {"policy": policy}
-        return {"policy": policy, "config": {"share": share}, "summary": {"memory_saved_mean": saved, "kl": kl}}
+        return {"policy": policy, "config": {"share": share},
+                "summary": {"memory_saved_mean": saved, "kl": kl, **summary}}
 
     runs = [run("memshare", 0.1, 0.01), run("memshare", 0.5, 0.09), run("h2o", 0.2, 0.06), run("rkv", 0.3, 0.02)]
-    got = kl_crossings(runs, 0.05)
-    assert got["memshare"].startswith("crosses 0.05 at about 30.0% memory saved")
+    got = kl_crossings(runs, 0.05)  # runs saved before KV dtypes: their blocks were float32, so blocks are bytes
+    assert got["memshare"].startswith("crosses 0.05 at about 30.0% of float32's KV bytes saved")
     assert got["h2o"].startswith("already 0.060") and got["rkv"].startswith("stays below 0.05 up to 30.0%")
+    quantized = [run("memshare", 0.0, 0.01, kv_bytes_saved_vs_float32=0.75),
+                 run("memshare", 0.2, 0.09, kv_bytes_saved_vs_float32=0.85)]
+    assert kl_crossings(quantized, 0.05)["memshare"].startswith("crosses 0.05 at about 80.0% of float32's")
 
 
 def test_replay_levels_group_matched_baselines_with_their_memshare_run():
