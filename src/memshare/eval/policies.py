@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from memshare.config import EngineConfig, ShareConfig, policy_names, registration, share_config
 from memshare.engine.model_runner import kv_block_bytes
 from memshare.errors import KVCacheDtypeError
-from memshare.layers.kv_cache import KV_CACHE_DTYPES
+from memshare.layers.kv_cache import KV_CACHE_DTYPES, check_kv_cache_dtype
 
 
 @dataclass(slots=True)
@@ -36,9 +36,10 @@ class PolicySpec:
 
 
 def check_kv_cache_dtypes(kv_cache_dtypes: list[str]) -> None:
-    unknown = [d for d in kv_cache_dtypes if d not in KV_CACHE_DTYPES]
-    if unknown or not kv_cache_dtypes:
-        raise KVCacheDtypeError(f"kv_cache_dtype {unknown or kv_cache_dtypes} is not among {KV_CACHE_DTYPES}")
+    if not kv_cache_dtypes:
+        raise KVCacheDtypeError(f"no kv_cache_dtype given; choose from {KV_CACHE_DTYPES}")
+    for dtype in kv_cache_dtypes:
+        check_kv_cache_dtype(dtype)
 
 
 def expand_kv_dtypes(specs: list[PolicySpec], kv_cache_dtypes: list[str]) -> list[PolicySpec]:

@@ -75,10 +75,14 @@ FORMATS = {
 }
 
 
-def kv_format(kv_cache_dtype: str, model_dtype: torch.dtype, head_dim: int | None = None) -> KVFormat:
-    """The storage format of `kv_cache_dtype`; raises KVCacheDtypeError for unknown names or unpackable heads."""
+def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise KVCacheDtypeError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+
+
+def kv_format(kv_cache_dtype: str, model_dtype: torch.dtype, head_dim: int | None = None) -> KVFormat:
+    """The storage format of `kv_cache_dtype`; raises KVCacheDtypeError for unknown names or unpackable heads."""
+    check_kv_cache_dtype(kv_cache_dtype)
     if kv_cache_dtype == "auto":
         if model_dtype not in (torch.float32, torch.bfloat16):
             raise KVCacheDtypeError(f"no KV format for model dtype {model_dtype}; set kv_cache_dtype")
@@ -112,6 +116,16 @@ class KVPlane:
     scale: torch.Tensor | None
     zero: torch.Tensor | None
     scale_mode: str
+
+
+def _new_plane(fmt: KVFormat, mode: str, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+               device: torch.device) -> KVPlane:
+    codes = torch.zeros((num_blocks, block_size, num_kv_heads, head_dim * fmt.bits // (8 * fmt.storage.itemsize)),
+                        dtype=fmt.storage, device=device)
+    scale_shape = _scale_shape(mode, block_size, num_kv_heads, head_dim)
+    scale = None if scale_shape is None else torch.zeros((num_blocks, *scale_shape), dtype=SCALE_DTYPE, device=device)
+    zero = torch.zeros_like(scale) if scale is not None and fmt.asymmetric else None
+    return KVPlane(codes, scale, zero, mode)
 
 
 def _pack4(codes: torch.Tensor) -> torch.Tensor:
@@ -179,20 +193,13 @@ class KVCache:
     def __init__(self, fmt: KVFormat, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, num_tail_blocks: int = 0) -> None:
         self.format, self.dtype, self.block_size = fmt, dtype, block_size
-        self.num_blocks, self.num_kv_heads, self.head_dim = num_blocks, num_kv_heads, head_dim
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.lut = fmt.lut(device)
-        shape = (num_blocks, block_size, num_kv_heads, head_dim * fmt.bits // (8 * fmt.storage.itemsize))
-
-        def plane(mode: str) -> KVPlane:
-            scale_shape = _scale_shape(mode, block_size, num_kv_heads, head_dim)
-            scales = None if scale_shape is None else torch.zeros((num_blocks, *scale_shape), dtype=SCALE_DTYPE,
-                                                                  device=device)
-            zero = torch.zeros_like(scales) if scales is not None and fmt.asymmetric else None
-            return KVPlane(torch.zeros(shape, dtype=fmt.storage, device=device), scales, zero, mode)
-
-        self.layers = [(plane(fmt.key_scales), plane(fmt.value_scales)) for _ in range(num_layers)]
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.layers = [tuple(_new_plane(fmt, mode, *shape, device) for mode in (fmt.key_scales, fmt.value_scales))
+                       for _ in range(num_layers)]
         self.tail = TailPool(num_tail_blocks if fmt.needs_tail else 0, num_layers, num_blocks,
-                             (block_size, num_kv_heads, head_dim), dtype, device)
+                             (block_size, num_kv_heads, head_dim), device)
 
     @property
     def num_layers(self) -> int:
@@ -285,16 +292,11 @@ class TailPool:
     format = FORMATS["int8_per_token_head"]
 
     def __init__(self, num_tail_blocks: int, num_layers: int, num_blocks: int, block_shape: tuple[int, int, int],
-                 dtype: torch.dtype, device: torch.device) -> None:
-        block_size, num_kv_heads, _ = block_shape
-        self.dtype, self.lut = dtype, self.format.lut(device)
-
-        def plane() -> KVPlane:
-            return KVPlane(torch.zeros((num_tail_blocks, *block_shape), dtype=torch.uint8, device=device),
-                           torch.zeros((num_tail_blocks, block_size, num_kv_heads), dtype=SCALE_DTYPE, device=device),
-                           None, "token")
-
-        self.layers = [(plane(), plane()) for _ in range(num_layers if num_tail_blocks else 0)]
+                 device: torch.device) -> None:
+        self.lut = self.format.lut(device)
+        shape = (num_tail_blocks, *block_shape)
+        self.layers = [tuple(_new_plane(self.format, "token", *shape, device) for _ in "kv")
+                       for _ in range(num_layers if num_tail_blocks else 0)]
         self.of_block = torch.full((num_blocks if num_tail_blocks else 0,), -1, dtype=torch.long, device=device)
         self.slots: dict[int, int] = {}  # block id -> tail index
         self.free = list(range(num_tail_blocks))[::-1]
