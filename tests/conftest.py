@@ -1,3 +1,8 @@
+import os
+
+# Triton kernels run on this CPU only under Triton's interpreter, read when triton is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

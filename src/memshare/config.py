@@ -94,6 +94,9 @@ def check_positive(config: ShareConfig, *names: str) -> None:
 
 
 MODEL_IMPLS = ("auto", "transformers")
+# "auto": on CPU the C++ decode kernel (layers/cpu_kernels.py), on CUDA the Triton kernels (layers/triton_attention.py).
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass(slots=True)
@@ -115,6 +118,13 @@ class EngineConfig:
     num_threads: int | None = None
     # vLLM's name: "auto" runs memshare's own forward where the architecture has one, "transformers" the HF modules.
     model_impl: str = "auto"
+    # vLLM's names: "auto" loads the weights; "dummy" builds random ones from the config alone (models/loader.py).
+    load_format: str = "auto"
+    # vLLM's name: load no tokenizer; prompts are token ids, outputs carry token ids and empty text.
+    skip_tokenizer_init: bool = False
+    attention_backend: str = "auto"
+    # vLLM's name: True runs every decode step eagerly; False replays CUDA graphs of decode steps on CUDA.
+    enforce_eager: bool = False
     log_stats_interval: float = 10.0
     share: ShareConfig = field(default_factory=ShareConfig)
 
@@ -129,6 +139,10 @@ class EngineConfig:
         check_kv_cache_dtype(self.kv_cache_dtype)
         if self.model_impl not in MODEL_IMPLS:
             raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, got {self.model_impl!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if not isinstance(self.share, ShareConfig):
             raise TypeError(f"share must be a ShareConfig, got {type(self.share).__name__}")
         registration(self.share.policy)

@@ -3,7 +3,9 @@ class MemShareError(Exception):
 
 
 class UnknownModelError(MemShareError, ValueError):
-    """The model is neither a registered short name, a Hugging Face directory, nor a GGUF file."""
+    """The model is neither a registered short name, a Hugging Face directory, nor a GGUF file; or it lacks what the
+    options ask of it (a config-only shape without `load_format="dummy"`, no tokenizer files without
+    `skip_tokenizer_init=True`)."""
 
 
 class ChecksumError(MemShareError):

@@ -27,7 +27,8 @@ class LLM:
     >>> llm = LLM(model="smollm2-135m", kv_cache_memory="1GiB")
     >>> outs = llm.generate(["Solve 12*13."], SamplingParams(temperature=0, max_tokens=64))
 
-    `model` is a registered short name, a Hugging Face model directory, or a .gguf file. Other keyword
+    `model` is a registered short name, a Hugging Face model directory, or a .gguf file; a config-only name
+    (`tiny-qwen2`, `r1-distill-qwen-7b`, ...) runs with `load_format="dummy", skip_tokenizer_init=True`. Other keyword
     arguments are `EngineConfig` fields (kv_cache_memory, num_kv_blocks, kv_cache_dtype, block_size, max_num_seqs, ...);
     `share=MemShareConfig(step_threshold=0.9, block_threshold=0.8)` turns on MemShare; any registered
     policy's config (`share_config("h2o", kv_budget=0.5)`) selects that policy.
@@ -70,7 +71,7 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
         engine = self.llm_engine
-        encoded = [engine.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        encoded = [engine.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         for token_ids, p in zip(encoded, params_list):
             engine.validate(token_ids, p)
         ids = [f"gen-{next(self._request_ids)}" for _ in prompts]
@@ -84,6 +85,9 @@ class LLM:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.llm_engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat applies the tokenizer's chat template; skip_tokenizer_init=True loads no tokenizer: "
+                             "use generate with token ids")
         prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
                                                  **(chat_template_kwargs or {})) for c in conversations]
         token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]

@@ -77,9 +77,9 @@ class LLMEngine:
         self.tokenizer = self.model_runner.tokenizer
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching, self.model_runner.kv_cache)
+        decode = None if self.tokenizer is None else self.tokenizer.decode  # policies that need text refuse None
         self.policy = make_policy(config.share, self.block_manager,
-                                  ModelAccess(self.tokenizer.decode, self.model_runner.unrotate_keys,
-                                              self.model_runner.embed_tokens))
+                                  ModelAccess(decode, self.model_runner.unrotate_keys, self.model_runner.embed_tokens))
         self.model_runner.capture_queries = self.policy.needs_queries
         self.scheduler = Scheduler(config, self.block_manager)
         self.max_model_len = self._max_model_len()
@@ -111,6 +111,9 @@ class LLMEngine:
         num = len(prompt_token_ids)
         if num == 0:
             raise ValueError("prompt is empty")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings are matched on decoded text; skip_tokenizer_init=True loads no tokenizer: "
+                             "use stop_token_ids")
         context = min(self.model_runner.max_position_embeddings, self.config.max_model_len or 1 << 62)
         if num >= context:
             raise PromptTooLongError(
@@ -131,12 +134,18 @@ class LLMEngine:
                 f"prompt ({num} tokens) and forced tokens ({len(forced)}) exceed max_model_len "
                 f"{min(context, self.max_model_len)}")
 
+    def encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("skip_tokenizer_init=True loads no tokenizer to encode a text prompt; give token ids "
+                             "([1, 2, 3] or {'prompt_token_ids': [...]})")
+        return self.tokenizer.encode(prompt)
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     prompt_token_ids: list[int] | None = None) -> None:
         """Queue a request (a prompt string or token ids); raises before queueing anything if it is invalid."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already running")
-        token_ids = prompt_token_ids or (self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt))
+        token_ids = prompt_token_ids or (self.encode(prompt) if isinstance(prompt, str) else list(prompt))
         self.validate(token_ids, params)
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids),
                          len(params.forced_token_ids or ()) or self.max_model_len)
@@ -257,6 +266,8 @@ class LLMEngine:
         return True
 
     def _decode(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""  # skip_tokenizer_init: outputs carry token ids only
         return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=seq.params.skip_special_tokens)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None, text: str | None = None) -> None:

@@ -1,11 +1,20 @@
 import logging
+from itertools import accumulate
 
 import torch
 
 from memshare.config import EngineConfig, parse_memory
+from memshare.engine.cuda_graphs import DecodeGraphs
 from memshare.engine.sequence import Sequence
 from memshare.errors import KVCacheTooSmallError
-from memshare.layers.attention import AttentionMetadata, PagedContext, PrefillSpan
+from memshare.layers.attention import (
+    AttentionMetadata,
+    PagedContext,
+    PrefillSpan,
+    VarlenMetadata,
+    attention_backend,
+    triton_ops,
+)
 from memshare.layers.cpu_kernels import cpu_ops
 from memshare.layers.kv_cache import KVCache, TailPool, block_bytes, kv_format
 from memshare.layers.linear import prepack_linear_layers
@@ -39,7 +48,10 @@ class ModelRunner:
             if config.model_impl == "auto" and PagedLlamaForCausalLM.applies(self.model) else None
         prepack_linear_layers(self.paged_model or self.model)
         self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
-        self.max_position_embeddings = self.model.config.get_text_config().max_position_embeddings
+        text_config = self.model.config.get_text_config()
+        self.max_position_embeddings = text_config.max_position_embeddings
+        self.num_heads = text_config.num_attention_heads
+        self.attention_backend = attention_backend(config.attention_backend, self.device)
         dtype = self.model.dtype
         self.block_bytes = block_bytes(self.kv_format, self.num_layers, self.block_size, self.num_kv_heads,
                                        self.head_dim)
@@ -53,11 +65,31 @@ class ModelRunner:
         if self.device.type == "cpu" and dtype == torch.float32:
             cpu_ops()  # compile or load the kernels now, not in the middle of the first request
         eos = self.model.generation_config.eos_token_id
-        self.eos_token_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
+        # Without a tokenizer (skip_tokenizer_init) the model's generation config alone names the EOS tokens.
+        self.eos_token_ids = {getattr(self.tokenizer, "eos_token_id", None), *(eos if isinstance(eos, list) else [eos])}
         self.eos_token_ids.discard(None)
         self.capture_queries = False
         self.decode_queries: torch.Tensor | None = None  # [decodes, layers, heads, head_dim] of the last step
-        self.sampler = Sampler(self.eos_token_ids, lambda t: self.tokenizer.decode([t]))
+        # Logprobs carry no decoded text without a tokenizer, as in vLLM.
+        decode = (lambda t: None) if self.tokenizer is None else (lambda t: self.tokenizer.decode([t]))
+        self.sampler = Sampler(self.eos_token_ids, decode)
+        self.graphs = self.decode_graphs() if self._graphs_apply(config) else None
+
+    def _graphs_apply(self, config: EngineConfig) -> bool:
+        """CUDA graphs need every op of a decode step on the device: the Triton backend, the lean forward, and a
+        format without a tail (whose writes are planned on the host)."""
+        return (self.device.type == "cuda" and not config.enforce_eager and self.attention_backend == "triton"
+                and self.paged_model is not None and not self.kv_format.needs_tail)
+
+    def decode_graphs(self, capture: bool = True) -> DecodeGraphs:
+        """Decode steps on static buffers at bucketed batch sizes, replayed from CUDA graphs when `capture`."""
+        config = self.config
+        max_len = min(self.max_position_embeddings, config.max_model_len or 1 << 62,
+                      self.num_kv_blocks * self.block_size)
+        paged = PagedContext(self.kv_cache, None, None, self.attention_backend)
+        logger.info("capturing CUDA graphs of decode steps" if capture else "decode steps on static buffers")
+        return DecodeGraphs(self.forward, paged, config.max_num_seqs, -(-max_len // self.block_size),
+                            self.num_heads, capture)
 
     def _num_blocks(self, config: EngineConfig) -> tuple[int, int]:
         """(KV blocks, tail blocks) of the budget. A per-channel format keeps each running sequence's partial block
@@ -103,6 +135,8 @@ class ModelRunner:
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillSpan] = []
+        tables: list[list[int]] = []
+        seq_lens: list[int] = []
         for seq, num_new in batch:
             start = seq.num_computed_tokens
             input_ids += seq.token_ids[start : start + num_new]
@@ -113,6 +147,8 @@ class ModelRunner:
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             num_blocks = -(-end // bs)
+            tables.append(table[:num_blocks])
+            seq_lens.append(end)
             if num_new == 1:
                 decode_tables.append(table[:num_blocks])
                 decode_lens.append(end)
@@ -126,9 +162,28 @@ class ModelRunner:
                                         self._tensor(table[:num_blocks]), mask))
         self.kv_cache.begin_step(slots)
         width = max((len(t) for t in decode_tables), default=0)
-        tables = self._tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(len(decode_tables), width)
-        meta = AttentionMetadata(self._tensor(slots), len(decode_tables), tables, self._tensor(decode_lens), prefills)
+        decode_table_tensor = self._tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(
+            len(decode_tables), width)
+        meta = AttentionMetadata(self._tensor(slots), len(decode_tables), decode_table_tensor,
+                                 self._tensor(decode_lens), prefills)
+        if self.attention_backend == "triton":
+            meta.varlen = self._varlen(tables, seq_lens, [n for _, n in batch])
         return self._tensor(input_ids), self._tensor(positions), meta
+
+    def _varlen(self, tables: list[list[int]], seq_lens: list[int], num_queries: list[int]) -> VarlenMetadata:
+        ops, int32 = triton_ops(), torch.int32
+        width = max(len(t) for t in tables)
+        block_tables = self._tensor([t + [0] * (width - len(t)) for t in tables], int32)
+        max_queries = max(num_queries)
+        block_q = ops.block_q_for(self.num_heads, self.num_kv_heads, max_queries)
+        if max_queries == 1:
+            tile_seq, tile_q0 = ops.decode_tiles(len(tables), self.device)
+            num_splits = ops.num_splits_for(len(tables), self.num_kv_heads, width, self.device)
+        else:  # split-K is for decode-only batches, as in vLLM's unified kernel
+            tile_seq, tile_q0 = ops.prefill_tiles(num_queries, block_q, self.device)
+            num_splits = 1
+        return VarlenMetadata(self._tensor([0, *accumulate(num_queries)], int32), self._tensor(seq_lens, int32),
+                              block_tables, tile_seq, tile_q0, block_q, num_splits)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_rows: torch.Tensor,
                 paged: PagedContext) -> torch.Tensor:
@@ -151,8 +206,11 @@ class ModelRunner:
                 last_rows.append(row - 1)
                 sampled.append(seq)
         queries: list[torch.Tensor] | None = [] if self.capture_queries else None
-        paged = PagedContext(self.kv_cache, meta, queries)
-        logits = self.forward(input_ids, positions, self._tensor(last_rows), paged)
+        if self.graphs is not None and queries is None and not meta.prefills and self.graphs.bucket(len(batch)):
+            logits = self.graphs.run(input_ids, positions, meta)
+        else:
+            paged = PagedContext(self.kv_cache, meta, queries, self.attention_backend)
+            logits = self.forward(input_ids, positions, self._tensor(last_rows), paged)
         self.decode_queries = torch.stack(queries, 1) if queries and meta.num_decodes else None
         if not sampled:
             return [], [], []

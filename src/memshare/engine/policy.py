@@ -15,9 +15,10 @@ UnrotateKeys = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(slots=True)
 class ModelAccess:
-    """What a policy may ask of the model: text of token ids, cached keys with RoPE undone, input embeddings."""
+    """What a policy may ask of the model: text of token ids (None without a tokenizer: `skip_tokenizer_init`),
+    cached keys with RoPE undone, input embeddings."""
 
-    decode: Callable[[list[int]], str]
+    decode: Callable[[list[int]], str] | None
     unrotate_keys: UnrotateKeys
     embed_tokens: Callable[[list[int]], torch.Tensor]
 

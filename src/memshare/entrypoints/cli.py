@@ -8,7 +8,15 @@ from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
-from memshare.config import MODEL_IMPLS, EngineConfig, ServerConfig, policy_names, registration, share_config
+from memshare.config import (
+    LOAD_FORMATS,
+    MODEL_IMPLS,
+    EngineConfig,
+    ServerConfig,
+    policy_names,
+    registration,
+    share_config,
+)
 from memshare.errors import MemShareError
 from memshare.eval.datasets import DEFAULT_INSTRUCTION
 from memshare.layers.kv_cache import KV_CACHE_DTYPES
@@ -38,6 +46,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--model-impl", default=defaults.model_impl, choices=MODEL_IMPLS,
                         help="auto: memshare's lean forward for Llama-family models; transformers: the HF modules")
+    parser.add_argument("--load-format", default=defaults.load_format, choices=LOAD_FORMATS,
+                        help="auto: load the weights; dummy: random weights from the model's config alone (benchmarks)")
+    parser.add_argument("--skip-tokenizer-init", action="store_true", default=defaults.skip_tokenizer_init,
+                        help="load no tokenizer: prompts must be token ids, outputs carry token ids and empty text")
 
 
 def flag_fields() -> dict[str, tuple[Field, list[str]]]:
@@ -68,7 +80,8 @@ def share_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("kv_cache_memory", "num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
-             "max_model_len", "enable_prefix_caching", "device", "dtype", "kv_cache_dtype", "num_threads", "model_impl")
+             "max_model_len", "enable_prefix_caching", "device", "dtype", "kv_cache_dtype", "num_threads", "model_impl",
+             "load_format", "skip_tokenizer_init")
     kwargs = {name: getattr(args, name) for name in names}
     if hasattr(args, "share"):
         kwargs["share"] = share_config(args.share, **share_values(args))

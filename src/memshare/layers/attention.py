@@ -6,7 +6,10 @@ context read through the block table. Writing before reading lets a sequence att
 sequence of the same batch is filling (a prefix-cache hit or a fork in the same step).
 """
 
+import importlib
 from dataclasses import dataclass
+from functools import cache
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +31,27 @@ class PrefillSpan:
 
 
 @dataclass(slots=True)
+class VarlenMetadata:
+    """The whole batch as the Triton kernel reads it (layers/triton_attention.py): sequence i owns query rows
+    query_start[i]:query_start[i + 1], the last of its seq_lens[i] positions, read through block_tables[i]."""
+
+    query_start: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    tile_seq: torch.Tensor  # [num_tiles] int32: the sequence of each program tile
+    tile_q0: torch.Tensor  # [num_tiles] int32: its first query
+    block_q: int
+    num_splits: int
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     num_decodes: int  # the first num_decodes tokens are single-token decodes
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks]
     decode_context_lens: torch.Tensor  # [num_decodes]
     prefills: list[PrefillSpan]
+    varlen: VarlenMetadata | None = None  # built for the Triton backend only
 
 
 @dataclass(slots=True)
@@ -41,17 +59,39 @@ class PagedContext:
     kv_cache: KVCache
     metadata: AttentionMetadata
     decode_queries: list[torch.Tensor] | None = None  # per layer, filled when an eviction policy scores attention
+    backend: str = "cpu"  # resolved by `attention_backend`: "cpu", "triton" or "torch"
+
+
+@cache
+def triton_ops() -> ModuleType:
+    """layers/triton_attention.py, imported on first use: Triton is needed only by the Triton backend."""
+    return importlib.import_module("memshare.layers.triton_attention")
+
+
+def attention_backend(name: str, device: torch.device) -> str:
+    """The backend `name` ("auto", "triton", "torch") runs on `device`; raises ValueError where it cannot run."""
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("attention_backend='triton' needs the triton package: pip install triton")
+        import triton
+
+        if device.type == "cpu" and not triton.knobs.runtime.interpret:
+            raise ValueError("attention_backend='triton' on CPU runs only under Triton's interpreter: start the "
+                             "process with TRITON_INTERPRET=1 (slow; for checking the kernels)")
+    return name
 
 
 def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata,
-                     scale: float) -> torch.Tensor:
+                     scale: float, use_kernel: bool = True) -> torch.Tensor:
     """q: [B, heads, head_dim] for B single-token decodes -> [B, heads, head_dim].
 
     On CPU in float32, the fused kernel, which dequantizes each row as it reads it; elsewhere one bmm per KV
     head on the gathered, dequantized blocks (no copy to a heads-first layout, none of SDPA's per-call overhead at
     one query token).
     """
-    if kernel_applies(q):
+    if use_kernel and kernel_applies(q):
         with torch.profiler.record_function("memshare::paged_decode"):  # named in profiles (bench/decode_profile.py)
             return cpu_ops().paged_decode(q, *cache.kernel_args(layer), meta.decode_block_tables,
                                           meta.decode_context_lens, scale)
@@ -87,14 +127,22 @@ def paged_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lay
     Writes the new keys and values into their cache slots first, then attends through the block tables.
     """
     cache, meta = paged.kv_cache, paged.metadata
-    cache.write(layer_idx, meta.slot_mapping, key, value)
+    if paged.backend == "triton":
+        triton_ops().store_kv(cache, layer_idx, meta.slot_mapping, key, value)
+    else:
+        cache.write(layer_idx, meta.slot_mapping, key, value)
     if paged.decode_queries is not None:
         paged.decode_queries.append(q[: meta.num_decodes].clone())
+    if paged.backend == "triton":
+        v = meta.varlen
+        return triton_ops().paged_attention(q, cache, layer_idx, v.query_start, v.seq_lens, v.block_tables,
+                                            v.tile_seq, v.tile_q0, v.block_q, scale, v.num_splits)
+    use_kernel = paged.backend == "cpu"
     if not meta.prefills:
-        return decode_attention(q, cache, layer_idx, meta, scale)
+        return decode_attention(q, cache, layer_idx, meta, scale, use_kernel)
     out = torch.empty_like(q)
     if meta.num_decodes:
-        out[: meta.num_decodes] = decode_attention(q[: meta.num_decodes], cache, layer_idx, meta, scale)
+        out[: meta.num_decodes] = decode_attention(q[: meta.num_decodes], cache, layer_idx, meta, scale, use_kernel)
     for span in meta.prefills:
         out[span.query_start : span.query_end] = prefill_attention(
             q[span.query_start : span.query_end], cache, layer_idx, span, scale)

