@@ -40,7 +40,8 @@ class DecodeGraphs:
         def zeros(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.input_ids, self.positions, self.slots = zeros(n, dtype=torch.long), zeros(n, dtype=torch.long), zeros(n)
+        self.input_ids, self.positions = zeros(n, dtype=torch.long), zeros(n, dtype=torch.long)
+        self.slots = torch.full((n,), -1, dtype=torch.int32, device=device)  # warm-up and capture write nothing
         self.seq_lens, self.block_tables = zeros(n), zeros(n, max_blocks)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.rows = torch.arange(n, device=device)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from memshare.config import (
+    ATTENTION_BACKENDS,
     LOAD_FORMATS,
     MODEL_IMPLS,
     EngineConfig,
@@ -50,6 +51,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="auto: load the weights; dummy: random weights from the model's config alone (benchmarks)")
     parser.add_argument("--skip-tokenizer-init", action="store_true", default=defaults.skip_tokenizer_init,
                         help="load no tokenizer: prompts must be token ids, outputs carry token ids and empty text")
+    parser.add_argument("--attention-backend", default=defaults.attention_backend, choices=ATTENTION_BACKENDS,
+                        help="auto: the C++ kernel on CPU, Triton on CUDA; triton on CPU needs TRITON_INTERPRET=1")
+    parser.add_argument("--enforce-eager", action="store_true", default=defaults.enforce_eager,
+                        help="no CUDA graphs: run every decode step eagerly")
 
 
 def flag_fields() -> dict[str, tuple[Field, list[str]]]:
@@ -81,7 +86,7 @@ def share_values(args: argparse.Namespace) -> dict[str, Any]:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("kv_cache_memory", "num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
              "max_model_len", "enable_prefix_caching", "device", "dtype", "kv_cache_dtype", "num_threads", "model_impl",
-             "load_format", "skip_tokenizer_init")
+             "load_format", "skip_tokenizer_init", "attention_backend", "enforce_eager")
     kwargs = {name: getattr(args, name) for name in names}
     if hasattr(args, "share"):
         kwargs["share"] = share_config(args.share, **share_values(args))
