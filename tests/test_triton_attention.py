@@ -15,11 +15,11 @@ BLOCK_SIZE, KV_HEADS, HEADS, HEAD_DIM, NUM_BLOCKS = 16, 2, 6, 32, 24  # 3 query 
 FORMAT_NAMES = list(FORMATS)
 
 
-def filled_cache(name: str, seed: int = 0) -> tuple[KVCache, list[int], int]:
+def filled_cache(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[KVCache, list[int], int]:
     """A cache whose blocks 0..9 are written full and block 10 half, through the engine's write path; returns
     (cache, full blocks, the partial block)."""
     torch.manual_seed(seed)
-    cache = KVCache(FORMATS[name], 1, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, torch.float32, torch.device("cpu"),
+    cache = KVCache(FORMATS[name], 1, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype, torch.device("cpu"),
                     num_tail_blocks=2)
     slots = list(range(10 * BLOCK_SIZE)) + [10 * BLOCK_SIZE + i for i in range(BLOCK_SIZE // 2)]
     cache.begin_step(slots)
@@ -42,7 +42,7 @@ def reference(q: torch.Tensor, cache: KVCache, table: list[int], context_len: in
 def run_batch(cache: KVCache, seqs: list[tuple[list[int], int, int]], num_splits: int = 1) -> list[tuple]:
     """seqs: (block table, context length, new tokens). Returns (kernel output, reference) per sequence."""
     num_queries = [n for _, _, n in seqs]
-    q = torch.randn(sum(num_queries), HEADS, HEAD_DIM)
+    q = torch.randn(sum(num_queries), HEADS, HEAD_DIM).to(cache.dtype)
     width = max(len(t) for t, _, _ in seqs)
     tables = torch.tensor([t + [0] * (width - len(t)) for t, _, _ in seqs], dtype=torch.int32)
     query_start = torch.tensor([0, *torch.tensor(num_queries).cumsum(0).tolist()], dtype=torch.int32)
@@ -71,6 +71,16 @@ def test_decode_and_prefill_equal_the_reference(name: str) -> None:
     ]
     for out, expected in run_batch(cache, seqs):
         torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "fp8_e4m3"])
+def test_bfloat16_model_reads_within_bfloat16_rounding(name: str) -> None:
+    """A bfloat16 model, as on a GPU: bfloat16 queries and output, dequantized K/V (the interpreter dots in float32)."""
+    cache, full, partial = filled_cache(name, dtype=torch.bfloat16)
+    seqs = [(full[:2] + [partial], 2 * BLOCK_SIZE + 8, 1), (full[2:5], 40, 9)]
+    for out, expected in run_batch(cache, seqs, num_splits=2):
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), expected, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("name", ["float32", "int8_per_token_head", "int4_kivi"])

@@ -14,6 +14,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from memshare.sharing.stage2 import partial_sums, similarity
 from memshare.vllm_plugin import _vllm_api as api
 from memshare.vllm_plugin.kv_layout import CellLayout, LayerKV, distinct_storages
+from tests_vllm.conftest import skip_unless_cpu_runs_it
 
 HEADS, HEAD_SIZE, BLOCKS = 2, 64, 7
 FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -71,11 +72,12 @@ def test_cpu_attention_layouts_round_trip(isa, dtype, kv_cache_dtype):
     stage-2 sums of what is read equal those of the (fp8-rounded) tensors."""
     block_size, fp8 = 32, FP8.get(kv_cache_dtype)
     cache = torch.zeros(BLOCKS, HEADS, block_size, 2 * HEAD_SIZE, dtype=torch.uint8 if fp8 else dtype)
-    cell = api.cpu_cell_layout(isa, kv_cache_dtype, dtype, cache, HEAD_SIZE)
     block_ids = [4, 0, 2, 6]
     keys, values = torch.randn(2, len(block_ids), block_size, HEADS, HEAD_SIZE).to(dtype)
     slots = (torch.tensor(block_ids).unsqueeze(1) * block_size + torch.arange(block_size)).flatten()
-    api.cpu_write(keys.flatten(0, 1), values.flatten(0, 1), cache, slots, isa, kv_cache_dtype)
+    with skip_unless_cpu_runs_it(f"{isa} attention with {kv_cache_dtype} KV"):
+        cell = api.cpu_cell_layout(isa, kv_cache_dtype, dtype, cache, HEAD_SIZE)
+        api.cpu_write(keys.flatten(0, 1), values.flatten(0, 1), cache, slots, isa, kv_cache_dtype)
     layer = LayerKV("l", cache, BLOCKS, cell, api.fp8_storage_dtype(kv_cache_dtype, cache.dtype))
     read_keys, read_values = layer.read(torch.tensor(block_ids))
     for read, written in ((read_keys, keys.float()), (read_values, values.float())):
@@ -95,7 +97,8 @@ def test_cpu_attention_layouts_round_trip(isa, dtype, kv_cache_dtype):
 def test_fp8_scales_are_applied():
     """A layer's k/v scales multiply what is stored: the per-layer metric sees K and V at their real magnitude."""
     cache = torch.zeros(BLOCKS, HEADS, 32, 2 * HEAD_SIZE, dtype=torch.uint8)
-    cell = api.cpu_cell_layout("vec", "fp8", torch.float32, cache, HEAD_SIZE)
+    with skip_unless_cpu_runs_it("an fp8 KV cache"):
+        cell = api.cpu_cell_layout("vec", "fp8", torch.float32, cache, HEAD_SIZE)
     cache.view(torch.float8_e4m3fn).fill_(1.0)
     keys, values = LayerKV("l", cache, BLOCKS, cell, torch.float8_e4m3fn, k_scale=0.5, v_scale=4.0).read(
         torch.tensor([1]))

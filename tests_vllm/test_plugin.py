@@ -22,6 +22,7 @@ from memshare.vllm_plugin import _vllm_api as api
 from memshare.vllm_plugin import memshare_stats
 from memshare.vllm_plugin.check import SHARING as SHARING_CHECK
 from memshare.vllm_plugin.forced import ForcedTokens
+from tests_vllm.conftest import skip_unless_cpu_runs_it
 from tests_vllm.forced_runs import forced_run
 
 PASSAGE = ("The river flows past the old mill every spring, carrying leaves and small branches down to the sea, "
@@ -297,8 +298,12 @@ def test_bad_trace_file_names_the_line(tmp_path):
 def test_fp8_kv_cache_shares_with_scores_near_float32s_and_forced_outputs():
     """`--kv-cache-dtype fp8` (e4m3, uint8 storage) on CPU attention: stage 2 reads the fp8 cache, its scores on the
     same blocks are within fp8 rounding of the float32 cache's, sharing happens and outputs equal the forced tokens."""
-    runs = {dtype: forced_run(make_llm(SHARING_CHECK, kv_cache_dtype=dtype, logits_processors=[ForcedTokens],
-                                       num_gpu_blocks_override=64)) for dtype in ("auto", "fp8")}
+    with skip_unless_cpu_runs_it("an fp8 KV cache"):
+        fp8_llm = make_llm(SHARING_CHECK, kv_cache_dtype="fp8", logits_processors=[ForcedTokens],
+                           num_gpu_blocks_override=64)
+    runs = {"fp8": forced_run(fp8_llm)}
+    del fp8_llm
+    runs["auto"] = forced_run(make_llm(SHARING_CHECK, logits_processors=[ForcedTokens], num_gpu_blocks_override=64))
     full, fp8 = runs["auto"], runs["fp8"]
     assert fp8["ranks"][0]["cache"][0] == "torch.uint8" and fp8["ranks"][0]["kv_cache_dtype"] == "fp8"
     assert fp8["stats"]["blocks_shared"] > 0 and fp8["outputs_forced"]
@@ -313,6 +318,7 @@ V2_RUNNER = """
 import json
 import tests_vllm.conftest
 import tests_vllm.triton_interpreter
+from tests_vllm.conftest import skip_unless_cpu_runs_it
 from tests_vllm.forced_runs import forced_run
 from tests_vllm.test_plugin import SHARING_CHECK, make_llm
 from memshare.vllm_plugin.forced import ForcedTokensV2
