@@ -28,7 +28,7 @@ from bench.peers import MAX_NEW_TOKENS, THREADS, math500_prompts
 from memshare import SamplingParams
 from memshare.config import EngineConfig
 from memshare.engine.llm_engine import LLMEngine
-from memshare.models.registry import resolve_model
+from memshare.models.weights import resolve_model
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "bench" / "profile"
 GEMM_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")

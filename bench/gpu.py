@@ -35,7 +35,7 @@ from transformers import AutoConfig  # noqa: E402
 from memshare import LLM, SamplingParams, share_config  # noqa: E402
 from memshare.layers import triton_attention  # noqa: E402
 from memshare.layers.kv_cache import KVCache, block_bytes, kv_format  # noqa: E402
-from memshare.models.registry import resolve_model  # noqa: E402
+from memshare.models.weights import resolve_model  # noqa: E402
 from memshare.sharing.stage2 import block_similarity  # noqa: E402
 
 # Nominal HBM bandwidth, GB/s, from the vendors' data sheets.

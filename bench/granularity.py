@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from memshare.eval.fidelity import model_tokenizer
 from memshare.eval.replay import read_trace_file, tokenize
-from memshare.models.registry import resolve_model
+from memshare.models.weights import resolve_model
 from memshare.sharing.stage2 import relative_similarity
 
 matplotlib.use("Agg")

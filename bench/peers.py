@@ -111,7 +111,7 @@ def run_peer(peer: str, model: str, num_prompts: int = 32,
     """
     from transformers import AutoTokenizer
 
-    from memshare.models.registry import resolve_model
+    from memshare.models.weights import resolve_model
 
     hf_dir = resolve_model(model)[0]  # registered names resolve to their float32 safetensors export
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)

@@ -34,7 +34,7 @@ from vllm import LLM, SamplingParams  # noqa: E402
 
 from memshare.eval.datasets import load_problems  # noqa: E402
 from memshare.eval.replay import read_trace_file, tokenize  # noqa: E402
-from memshare.models.registry import resolve_model  # noqa: E402
+from memshare.models.weights import resolve_model  # noqa: E402
 from memshare.vllm_plugin import memshare_stats  # noqa: E402
 from memshare.vllm_plugin.forced import ForcedTokens  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memshare import LLM
-from memshare.models.registry import resolve_model
+from memshare.models.weights import resolve_model
 
 MODEL = "smollm2-135m"
 QUESTIONS = [

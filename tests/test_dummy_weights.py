@@ -10,7 +10,7 @@ from memshare.config import EngineConfig, share_config
 from memshare.entrypoints.cli import build_parser, engine_kwargs
 from memshare.errors import UnknownModelError
 from memshare.models.loader import dummy_model, kv_geometry
-from memshare.models.registry import CONFIG_ONLY_MODELS, resolve_model
+from memshare.models.weights import CONFIG_ONLY_MODELS, resolve_model
 
 TINY = dict(model="tiny-qwen2", load_format="dummy", skip_tokenizer_init=True, num_kv_blocks=64, log_stats_interval=0)
 PROMPTS = [[1, 5, 9, 3, 7], [42, 17, 99], list(range(10, 60))]

@@ -10,7 +10,7 @@ from memshare import (
     UnknownModelError,
 )
 from memshare.errors import ChecksumError
-from memshare.models import registry
+from memshare.models import weights
 
 from .conftest import MODEL
 
@@ -26,9 +26,9 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 def test_bad_checksum_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMSHARE_CACHE", str(tmp_path))
-    entry = registry.RegisteredModel("fake", (), (("memshare", "errors.py"),), "fake.gguf", 1, "0" * 64)
+    entry = weights.RegisteredModel("fake", (), (("memshare", "errors.py"),), "fake.gguf", 1, "0" * 64)
     with pytest.raises(ChecksumError, match="does not match the pinned"):
-        registry.fetch_registered(entry)
+        weights.fetch_registered(entry)
     assert not list(tmp_path.rglob("*.gguf"))
 
 

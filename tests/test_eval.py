@@ -5,9 +5,9 @@ import json
 import pytest
 
 from memshare.entrypoints.cli import main
+from memshare.eval.calibrate import probe_tokens, propose_threshold
 from memshare.eval.datasets import load_problems
 from memshare.eval.grading import is_correct
-from memshare.sharing.calibrate import probe_tokens, propose_threshold
 
 from .conftest import MODEL
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from memshare import LLM, EngineConfig, SamplingParams, share_config
-from memshare.config import parse_memory
+from memshare.config import KV_CACHE_DTYPES, parse_memory
 from memshare.engine.llm_engine import LLMEngine
 from memshare.errors import KVCacheDtypeError, MemShareError
-from memshare.layers.kv_cache import FORMATS, KV_CACHE_DTYPES, KVCache, block_bytes, dequantize, kv_format, quantize
+from memshare.layers.kv_cache import FORMATS, KVCache, block_bytes, dequantize, kv_format, quantize
 
 from .conftest import MODEL
 from .test_policies import check_ref_counts

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from memshare import SamplingParams
+from memshare.engine.model_runner import sampling_batch
 from memshare.engine.sequence import SequenceStatus
 from memshare.layers.sampler import _candidates, _sample_rows
 
@@ -129,21 +130,21 @@ def test_candidate_filters_equal_a_full_sort():
     settings = [(0.6, 0, 0.95, 0.0), (1.0, 50, 0.9, 0.0), (0.8, 0, 1.0, 0.05), (1.3, 0, 0.99, 0.0),
                 (0.7, 5, 1.0, 0.0), (1.0, 0, 0.5, 0.2)]
     logits = torch.randn(len(settings), 5000, generator=gen) * torch.tensor([1.0, 3.0, 2.0, 0.5, 4.0, 1.0])[:, None]
-    seqs = [SimpleNamespace(params=SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m), generator=None)
-            for t, k, p, m in settings]
-    probs, ids = _candidates(logits, seqs)
+    seqs = [SimpleNamespace(params=SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m), generator=None,
+                            num_output_tokens=0) for t, k, p, m in settings]
+    probs, ids = _candidates(logits, sampling_batch(seqs, [], logits.device))
     for row, (t, k, p, m) in enumerate(settings):
         row_probs, row_ids = (probs[row], ids[row]) if ids is not None else (probs[row], range(5000))
         got = {int(i) for i, q in zip(row_ids, row_probs) if q > 0}
         assert got == reference_kept(logits[row], t, k, p, m)
-    min_p_only = [SimpleNamespace(params=SamplingParams(temperature=0.8, min_p=0.05), generator=None)]
-    probs, ids = _candidates(logits[2:3], min_p_only)
+    min_p_only = [SimpleNamespace(params=SamplingParams(temperature=0.8, min_p=0.05), generator=None,
+                                  num_output_tokens=0)]
+    probs, ids = _candidates(logits[2:3], sampling_batch(min_p_only, [], logits.device))
     assert ids is None and {int(i) for i in probs[0].nonzero()} == reference_kept(logits[2], 0.8, 0, 1.0, 0.05)
 
 
 def test_sampling_follows_the_kept_probabilities():
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
-    seqs = [SimpleNamespace(generator=None)] * 20000
-    counts = torch.bincount(_sample_rows(probs, seqs), minlength=5) / 20000
+    counts = torch.bincount(_sample_rows(probs, [None] * 20000), minlength=5) / 20000
     assert counts[1] == counts[4] == 0
     torch.testing.assert_close(counts, probs[0], atol=0.015, rtol=0)

@@ -7,7 +7,7 @@ import os
 import pytest
 from vllm import LLM, SamplingParams
 
-from memshare.models.registry import resolve_model
+from memshare.models.weights import resolve_model
 from memshare.vllm_plugin import memshare_stats
 from memshare.vllm_plugin.check import NEUTRAL, SHARING, close
 from memshare.vllm_plugin.forced import ForcedTokens

@@ -17,7 +17,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 import memshare.vllm_plugin as plugin
 from bench.vllm_plugin import workload
 from memshare.eval.replay import TraceFileError
-from memshare.models.registry import resolve_model
+from memshare.models.weights import resolve_model
 from memshare.vllm_plugin import _vllm_api as api
 from memshare.vllm_plugin import memshare_stats
 from memshare.vllm_plugin.check import SHARING as SHARING_CHECK

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-from memshare.models.registry import resolve_model
+from memshare.models.weights import resolve_model
 from memshare.vllm_plugin.metrics import MemShareMetrics
 
 PASSAGE = ("The river flows past the old mill every spring, carrying leaves and small branches down to the sea, "

@@ -9,6 +9,7 @@ from memshare.errors import (
     MemShareError,
     PromptTooLongError,
     UnknownModelError,
+    UnsupportedRotaryError,
 )
 from memshare.outputs import CompletionOutput, Logprob, RequestOutput
 from memshare.sampling_params import SamplingParams
@@ -19,5 +20,5 @@ __all__ = [
     "MemShareConfig", "RandomShareConfig", "StreamingLLMConfig", "H2OConfig", "RKVConfig", "share_config",
     "register_policy",
     "MemShareError", "UnknownModelError", "ChecksumError", "PromptTooLongError", "KVCacheTooSmallError",
-    "KVCacheDtypeError",
+    "KVCacheDtypeError", "UnsupportedRotaryError",
 ]

@@ -3,7 +3,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-from memshare.layers.kv_cache import check_kv_cache_dtype
+from memshare.errors import KVCacheDtypeError
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
           "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
@@ -97,34 +97,55 @@ MODEL_IMPLS = ("auto", "transformers")
 # "auto": on CPU the C++ decode kernel (layers/cpu_kernels.py), on CUDA the Triton kernels (layers/triton_attention.py).
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 LOAD_FORMATS = ("auto", "dummy")
+# vLLM's names of the KV storage formats; layers/kv_cache.py stores each and explains them.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "int8_per_token_head",
+                   "int4_per_token_head", "int4_kivi")
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise KVCacheDtypeError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
 
 
 @dataclass(slots=True)
 class EngineConfig:
     """Everything the engine needs, flowing down from `LLM(...)` to scheduler, block manager and runner."""
 
-    model: str = "smollm2-135m"
-    kv_cache_memory: int | str = "1GiB"
-    num_kv_blocks: int | None = None
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    device: str = "auto"
-    dtype: str = "auto"
-    # vLLM's names: "auto" (the model's dtype), "bfloat16", "fp8", ...; layers/kv_cache.py lists and explains them.
-    kv_cache_dtype: str = "auto"
-    num_threads: int | None = None
+    # Fields with a "help" are `memshare` command-line flags (entrypoints/cli.py builds them from these);
+    # "aliases" are vLLM's spellings of the same flag.
+    model: str = field(default="smollm2-135m", metadata={"help": "registered name, HF directory or .gguf file"})
+    kv_cache_memory: int | str = field(default="1GiB", metadata={
+        "help": "KV budget, e.g. 512MiB, or bytes", "aliases": ("--kv-cache-memory-bytes",), "type": str})
+    num_kv_blocks: int | None = field(default=None, metadata={
+        "help": "explicit block count (overrides memory)", "aliases": ("--num-gpu-blocks-override",), "type": int})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block"})
+    max_num_seqs: int = field(default=64, metadata={"help": "sequences running at once"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "tokens per step"})
+    max_model_len: int | None = field(default=None, metadata={"help": "longest sequence", "type": int})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "share full prompt blocks by hash"})
+    device: str = field(default="auto", metadata={"help": "auto: CUDA when present, else CPU"})
+    dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 on CUDA, float32 on CPU"})
+    # vLLM's names, listed in KV_CACHE_DTYPES; layers/kv_cache.py explains them.
+    kv_cache_dtype: str = field(default="auto", metadata={
+        "help": "KV storage, one of " + ", ".join(KV_CACHE_DTYPES) + "; replay, eval and bench take a "
+        "comma-separated list and run every policy at each, at equal KV bytes"})
+    num_threads: int | None = field(default=None, metadata={"help": "CPU threads (torch's default)", "type": int})
     # vLLM's name: "auto" runs memshare's own forward where the architecture has one, "transformers" the HF modules.
-    model_impl: str = "auto"
+    model_impl: str = field(default="auto", metadata={
+        "help": "auto: memshare's lean forward for Llama-family models; transformers: the HF modules",
+        "choices": MODEL_IMPLS})
     # vLLM's names: "auto" loads the weights; "dummy" builds random ones from the config alone (models/loader.py).
-    load_format: str = "auto"
+    load_format: str = field(default="auto", metadata={
+        "help": "auto: load the weights; dummy: random weights from the model's config alone (benchmarks)",
+        "choices": LOAD_FORMATS})
     # vLLM's name: load no tokenizer; prompts are token ids, outputs carry token ids and empty text.
-    skip_tokenizer_init: bool = False
-    attention_backend: str = "auto"
+    skip_tokenizer_init: bool = field(default=False, metadata={
+        "help": "load no tokenizer: prompts must be token ids, outputs carry token ids and empty text"})
+    attention_backend: str = field(default="auto", metadata={
+        "help": "auto: the C++ kernel on CPU, Triton on CUDA; triton on CPU needs TRITON_INTERPRET=1",
+        "choices": ATTENTION_BACKENDS})
     # vLLM's name: True runs every decode step eagerly; False replays CUDA graphs of decode steps on CUDA.
-    enforce_eager: bool = False
+    enforce_eager: bool = field(default=False, metadata={"help": "no CUDA graphs: run every decode step eagerly"})
     log_stats_interval: float = 10.0
     share: ShareConfig = field(default_factory=ShareConfig)
 

@@ -22,3 +22,8 @@ class KVCacheTooSmallError(MemShareError, ValueError):
 
 class KVCacheDtypeError(MemShareError, ValueError):
     """An unknown `kv_cache_dtype`, or one the model's heads cannot be stored in."""
+
+
+class UnsupportedRotaryError(MemShareError, ValueError):
+    """A sharing policy on a model whose rotary embeddings memshare cannot undo on cached keys (interleaved or
+    partial rotation, a rope type whose angles are not the position's alone); dense runs of the model are fine."""

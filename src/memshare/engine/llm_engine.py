@@ -13,6 +13,7 @@ from memshare.engine.model_runner import ModelRunner
 from memshare.engine.policy import ModelAccess, make_policy
 from memshare.engine.scheduler import Scheduler
 from memshare.engine.sequence import Sequence, SequenceStatus
+from memshare.engine.stats import DENSE_FORMATS, MEMORY_KEYS, kv_bytes_saved, memory_saved
 from memshare.errors import KVCacheTooSmallError, PromptTooLongError
 from memshare.layers.kv_cache import FORMATS, block_bytes
 from memshare.outputs import CompletionOutput, RequestOutput
@@ -335,8 +336,7 @@ class LLMEngine:
         return {
             "share_policy": self.config.share.policy,
             **self.policy.stats(),
-            "memory_saved_peak": 1 - s.peak_used_blocks / s.peak_logical_blocks if s.peak_logical_blocks else 0.0,
-            "memory_saved_mean": 1 - s.sum_used_blocks / s.sum_logical_blocks if s.sum_logical_blocks else 0.0,
+            **memory_saved([{key: getattr(s, key) for key in MEMORY_KEYS}]),
             **self._bytes_stats(),
             "sharing_time_s": s.sharing_time_s,
             "sharing_time_share": s.sharing_time_s / s.engine_time_s if s.engine_time_s else 0.0,
@@ -346,14 +346,14 @@ class LLMEngine:
         """KV bytes in use over the steps (blocks in the cache's format plus the tail blocks being filled) against
         the dense KV of the same tokens stored in float32 and in bfloat16."""
         s, runner = self.stats, self.model_runner
-        used = s.sum_used_blocks * runner.block_bytes + s.sum_tail_blocks * runner.kv_cache.tail_block_bytes
-        dense = {name: block_bytes(FORMATS[name], runner.num_layers, runner.block_size, runner.num_kv_heads,
-                                   runner.head_dim) for name in ("float32", "bfloat16")}
-        return {"kv_cache_dtype": runner.kv_format.name, "kv_block_bytes": runner.block_bytes,
-                "kv_tail_block_bytes": runner.kv_cache.tail_block_bytes, "sum_tail_blocks": s.sum_tail_blocks,
-                **{f"kv_block_bytes_{name}": size for name, size in dense.items()},
-                **{f"kv_bytes_saved_vs_{name}": 1 - used / (s.sum_logical_blocks * size) if s.sum_logical_blocks
-                   else 0.0 for name, size in dense.items()}}
+        counters = {"kv_block_bytes": runner.block_bytes, "kv_tail_block_bytes": runner.kv_cache.tail_block_bytes,
+                    "sum_tail_blocks": s.sum_tail_blocks,
+                    **{f"kv_block_bytes_{name}": block_bytes(FORMATS[name], runner.num_layers, runner.block_size,
+                                                             runner.num_kv_heads, runner.head_dim)
+                       for name in DENSE_FORMATS}}
+        return {"kv_cache_dtype": runner.kv_format.name, **counters,
+                **kv_bytes_saved([{**counters, "sum_used_blocks": s.sum_used_blocks,
+                                   "sum_logical_blocks": s.sum_logical_blocks}])}
 
     def _maybe_log(self) -> None:
         interval = self.config.log_stats_interval

@@ -18,10 +18,9 @@ from memshare.layers.attention import (
 from memshare.layers.cpu_kernels import cpu_ops
 from memshare.layers.kv_cache import KVCache, TailPool, block_bytes, kv_format
 from memshare.layers.linear import prepack_linear_layers
-from memshare.layers.rotary import unrotate_neox
-from memshare.layers.sampler import Sampler
-from memshare.models.llama import PagedLlamaForCausalLM
+from memshare.layers.sampler import Sampler, SamplingBatch
 from memshare.models.loader import kv_geometry, load_model
+from memshare.models.registry import key_unrotation, lean_model
 
 logger = logging.getLogger("memshare")
 
@@ -31,6 +30,25 @@ def kv_block_bytes(config: EngineConfig) -> int:
     kv = kv_geometry(config)
     fmt = kv_format(config.kv_cache_dtype, kv.dtype, kv.head_dim)
     return block_bytes(fmt, kv.num_layers, config.block_size, kv.num_kv_heads, kv.head_dim)
+
+
+def sampling_batch(seqs: list[Sequence], eos_token_ids: list[int], device: torch.device) -> SamplingBatch:
+    """What the sampler needs of `seqs`, one row each: their sampling parameters as tensors on `device`, the token
+    teacher forcing produces, the stop tokens banned before `min_tokens` (`eos_token_ids` too unless `ignore_eos`),
+    seeded generators, logprobs and logits-processor calls (each with its own copy of the output token ids)."""
+    params = [s.params for s in seqs]
+    # One host-to-device copy per dtype; float32 values round from float64 exactly as from Python floats.
+    floats = torch.tensor([[p.temperature or 1.0, p.top_p, p.min_p] for p in params], dtype=torch.float64,
+                          device=device)
+    ints = torch.tensor([[p.top_k, p.forced_token_ids[s.num_output_tokens] if p.forced_token_ids else -1, p.greedy]
+                         for s, p in zip(seqs, params)], dtype=torch.long, device=device)
+    return SamplingBatch(
+        temperatures=floats[:, 0].float(), top_ks=ints[:, 0], top_ps=floats[:, 1], min_ps=floats[:, 2].float(),
+        greedy=ints[:, 2].bool(), forced_token_ids=ints[:, 1], generators=[s.generator for s in seqs],
+        logprobs=[p.logprobs for p in params],
+        banned_token_ids=[p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids)
+                          if s.num_output_tokens < p.min_tokens else [] for s, p in zip(seqs, params)],
+        logits_processors=[[(f, s.output_token_ids) for f in p.logits_processors] for s, p in zip(seqs, params)])
 
 
 class ModelRunner:
@@ -44,8 +62,10 @@ class ModelRunner:
         kv = kv_geometry(config)
         self.kv_format = kv_format(config.kv_cache_dtype, kv.dtype, kv.head_dim)  # refused before any allocation
         self.model, self.tokenizer, self.device = load_model(config)
-        self.paged_model = PagedLlamaForCausalLM(self.model) \
-            if config.model_impl == "auto" and PagedLlamaForCausalLM.applies(self.model) else None
+        # Cached keys with RoPE undone (policies get it through ModelAccess); a sharing policy on a model whose
+        # rotation memshare cannot undo is refused here, a dense run only if something calls it.
+        self.unrotate_keys = key_unrotation(self.model, strict=config.share.policy != "none")
+        self.paged_model = lean_model(self.model, config.model_impl)
         prepack_linear_layers(self.paged_model or self.model)
         self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
         text_config = self.model.config.get_text_config()
@@ -72,7 +92,7 @@ class ModelRunner:
         self.decode_queries: torch.Tensor | None = None  # [decodes, layers, heads, head_dim] of the last step
         # Logprobs carry no decoded text without a tokenizer, as in vLLM.
         decode = (lambda t: None) if self.tokenizer is None else (lambda t: self.tokenizer.decode([t]))
-        self.sampler = Sampler(self.eos_token_ids, decode)
+        self.sampler = Sampler(decode)
         self.graphs = self.decode_graphs() if self._graphs_apply(config) else None
 
     def _graphs_apply(self, config: EngineConfig) -> bool:
@@ -105,18 +125,6 @@ class ModelRunner:
         num_tails = min(config.max_num_seqs, budget // (self.block_bytes + tail))
         num_blocks = (budget - num_tails * tail) // self.block_bytes
         return (num_blocks if num_tails == config.max_num_seqs else num_tails), num_tails
-
-    def unrotate_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Cached keys [..., n, kv_heads, head_dim] with the RoPE rotation of `positions` [n] undone.
-
-        Keys are returned unchanged for models without rotary embeddings.
-        """
-        rotary = getattr(self.model.base_model, "rotary_emb", None)
-        if rotary is None:
-            return keys
-        cos, sin = rotary(keys, positions.view(1, -1))
-        half = cos.shape[-1] // 2  # HF repeats the angles for both halves of the rotated dimensions
-        return unrotate_neox(keys, cos[0, :, None, :half], sin[0, :, None, :half])
 
     @torch.inference_mode()
     def embed_tokens(self, token_ids: list[int]) -> torch.Tensor:
@@ -214,5 +222,5 @@ class ModelRunner:
         self.decode_queries = torch.stack(queries, 1) if queries and meta.num_decodes else None
         if not sampled:
             return [], [], []
-        tokens, logprobs = self.sampler(logits, sampled)
+        tokens, logprobs = self.sampler(logits, sampling_batch(sampled, sorted(self.eos_token_ids), logits.device))
         return sampled, tokens, logprobs

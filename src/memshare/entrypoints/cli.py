@@ -9,9 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from memshare.config import (
-    ATTENTION_BACKENDS,
-    LOAD_FORMATS,
-    MODEL_IMPLS,
     EngineConfig,
     ServerConfig,
     policy_names,
@@ -20,41 +17,25 @@ from memshare.config import (
 )
 from memshare.errors import MemShareError
 from memshare.eval.datasets import DEFAULT_INSTRUCTION
-from memshare.layers.kv_cache import KV_CACHE_DTYPES
 from memshare.sampling_params import SamplingParams
-from memshare.sharing.stage2 import STAGE2_METRICS
+from memshare.sharing.configs import STAGE2_METRICS
+
+
+def engine_flag_fields() -> list[Field]:
+    """The fields of `EngineConfig` that are command-line flags: those with a `help` in their metadata."""
+    return [spec for spec in fields(EngineConfig) if "help" in spec.metadata]
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    defaults = EngineConfig()
-    parser.add_argument("--model", default=defaults.model, help="registered name, HF directory or .gguf file")
-    # Second spellings are vLLM's, for the same meaning.
-    parser.add_argument("--kv-cache-memory", "--kv-cache-memory-bytes", default=defaults.kv_cache_memory,
-                        help="KV budget, e.g. 512MiB, or bytes")
-    parser.add_argument("--num-kv-blocks", "--num-gpu-blocks-override", type=int, default=None,
-                        help="explicit block count (overrides memory)")
-    parser.add_argument("--block-size", type=int, default=defaults.block_size)
-    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=defaults.enable_prefix_caching)
-    parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--dtype", default=defaults.dtype)
-    parser.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype,
-                        help=f"KV storage, one of {', '.join(KV_CACHE_DTYPES)}; replay, eval and bench take a "
-                        "comma-separated list and run every policy at each, at equal KV bytes")
-    parser.add_argument("--num-threads", type=int, default=None)
-    parser.add_argument("--model-impl", default=defaults.model_impl, choices=MODEL_IMPLS,
-                        help="auto: memshare's lean forward for Llama-family models; transformers: the HF modules")
-    parser.add_argument("--load-format", default=defaults.load_format, choices=LOAD_FORMATS,
-                        help="auto: load the weights; dummy: random weights from the model's config alone (benchmarks)")
-    parser.add_argument("--skip-tokenizer-init", action="store_true", default=defaults.skip_tokenizer_init,
-                        help="load no tokenizer: prompts must be token ids, outputs carry token ids and empty text")
-    parser.add_argument("--attention-backend", default=defaults.attention_backend, choices=ATTENTION_BACKENDS,
-                        help="auto: the C++ kernel on CPU, Triton on CUDA; triton on CPU needs TRITON_INTERPRET=1")
-    parser.add_argument("--enforce-eager", action="store_true", default=defaults.enforce_eager,
-                        help="no CUDA graphs: run every decode step eagerly")
+    """A flag per documented field of `EngineConfig`, with its default, help, choices and vLLM's spellings."""
+    for spec in engine_flag_fields():
+        names = ["--" + spec.name.replace("_", "-"), *spec.metadata.get("aliases", ())]
+        if isinstance(spec.default, bool):
+            parser.add_argument(*names, action=argparse.BooleanOptionalAction, default=spec.default,
+                                help=spec.metadata["help"])
+        else:
+            parser.add_argument(*names, type=spec.metadata.get("type", type(spec.default)), default=spec.default,
+                                choices=spec.metadata.get("choices"), help=spec.metadata["help"])
 
 
 def flag_fields() -> dict[str, tuple[Field, list[str]]]:
@@ -84,10 +65,8 @@ def share_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    names = ("kv_cache_memory", "num_kv_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens",
-             "max_model_len", "enable_prefix_caching", "device", "dtype", "kv_cache_dtype", "num_threads", "model_impl",
-             "load_format", "skip_tokenizer_init", "attention_backend", "enforce_eager")
-    kwargs = {name: getattr(args, name) for name in names}
+    """`EngineConfig` keywords from the engine flags (the model apart: callers pass it on its own)."""
+    kwargs = {spec.name: getattr(args, spec.name) for spec in engine_flag_fields() if spec.name != "model"}
     if hasattr(args, "share"):
         kwargs["share"] = share_config(args.share, **share_values(args))
     return kwargs
@@ -148,8 +127,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from memshare.engine.llm_engine import LLMEngine
+    from memshare.eval.calibrate import calibrate
     from memshare.eval.datasets import chat_prompt, load_problems
-    from memshare.sharing.calibrate import calibrate
 
     engine = LLMEngine(EngineConfig(model=args.model, log_stats_interval=0, **engine_kwargs(args)))
     problems = load_problems(args.dataset, args.num_problems)

@@ -8,6 +8,7 @@ from typing import Any
 
 from memshare.config import ShareConfig
 from memshare.engine.llm import LLM
+from memshare.engine.stats import saved_fraction
 from memshare.eval.datasets import Problem, chat_prompt
 from memshare.eval.grading import is_correct
 from memshare.sampling_params import SamplingParams
@@ -86,7 +87,7 @@ def save(results: list[RunResult], out_dir: Path, title: str) -> tuple[Path, Pat
     plot_kv_blocks(blocks_ax, [(r.label, r.kv_history) for r in results], results[0].stats["num_kv_blocks"], title)
     for r in results:
         saved_ax.plot([h[0] for h in r.kv_history],
-                      [1 - h[1] / h[2] if h[2] else 0 for h in r.kv_history],
+                      [saved_fraction(h[1], h[2]) for h in r.kv_history],
                       label=r.label, linewidth=1)
     saved_ax.set(xlabel="engine time (s)", ylabel="memory saved (1 - physical / logical)",
                  title="memory saved by sharing")

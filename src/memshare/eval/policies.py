@@ -11,10 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
-from memshare.config import EngineConfig, ShareConfig, policy_names, registration, share_config
+from memshare.config import (
+    KV_CACHE_DTYPES,
+    EngineConfig,
+    ShareConfig,
+    check_kv_cache_dtype,
+    policy_names,
+    registration,
+    share_config,
+)
 from memshare.engine.model_runner import kv_block_bytes
 from memshare.errors import KVCacheDtypeError
-from memshare.layers.kv_cache import KV_CACHE_DTYPES, check_kv_cache_dtype
 
 
 @dataclass(slots=True)

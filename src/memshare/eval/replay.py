@@ -15,15 +15,12 @@ run, `<run>.reference/` (the top-k per trace, which later runs score against).
 import gc
 import hashlib
 import json
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from memshare.config import ShareConfig
 from memshare.engine.llm import LLM
@@ -34,9 +31,10 @@ from memshare.eval.harness import (
     Run,
     aggregate,
     check_config,
-    open_run,
+    drive,
     plan_runs,
     result_engine,
+    resume,
     session_stats,
     write_atomic,
 )
@@ -49,6 +47,7 @@ from memshare.eval.policies import (
     share_for,
 )
 from memshare.eval.report import safe_name
+from memshare.outputs import RequestOutput
 from memshare.sampling_params import SamplingParams
 
 PROMPT_FIELDS = ("prompt", "question", "messages")
@@ -271,56 +270,41 @@ def replay(config: ReplayConfig, run: Run, share: ShareConfig, todo: list[Trace]
     """Submit every unfinished trace at once; append each record (fsynced) and the summary as it finishes."""
     llm = LLM(model=config.model,
               **({"log_stats_interval": 0} | engine_for(config.model, run.spec, config.engine) | {"share": share}))
-    engine = llm.llm_engine
     probes = {t.trace_id: ReferenceProbe(t.token_ids, config.top_k, None if dense else load_reference(reference, t))
               for t in todo}
-    params = {t.trace_id: SamplingParams(temperature=0, max_tokens=len(t.token_ids), ignore_eos=True,
-                                         forced_token_ids=t.token_ids, logits_processors=[probes[t.trace_id]])
-              for t in todo}
-    for t in todo:  # a trace that cannot run raises before any is queued
-        engine.validate(t.prompt_token_ids, params[t.trace_id])
-    for t in todo:
-        engine.add_request(t.trace_id, t.prompt_token_ids, params[t.trace_id], t.prompt_token_ids)
+    requests = {t.trace_id: (t.prompt_token_ids, SamplingParams(
+        temperature=0, max_tokens=len(t.token_ids), ignore_eos=True, forced_token_ids=t.token_ids,
+        logits_processors=[probes[t.trace_id]])) for t in todo}
     by_id = {t.trace_id: t for t in todo}
-    start, finished = time.perf_counter(), 0
-    total = run_cfg["traces"]["num_traces"]
     reference.mkdir(parents=True, exist_ok=True)
-    with open(run.path, "a") as f, tqdm(total=total, initial=len(records), desc=run.name, dynamic_ncols=True) as bar:
-        while finished < len(todo):
-            if not engine.has_unfinished_requests():
-                raise RuntimeError("engine stopped with traces unfinished")
-            for output in engine.step():
-                trace, probe = by_id[output.request_id], probes[output.request_id]
-                if dense:
-                    np.savez(_reference_path(reference, trace.trace_id), ids=probe.top_ids,
-                             logprobs=probe.top_logprobs)
-                records.append(make_record(trace, output.outputs[0].token_ids, probe, output.metrics, dense))
-                f.write(json.dumps(records[-1]) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                finished += 1
-                session = _session(llm, time.perf_counter() - start, finished, config.engine)
-                summary = write_summary(run, run_cfg, records, [*sessions, session])
-                bar.update(1)
-                kl = "" if summary["kl"] is None else f", KL {summary['kl']:.4f}"
-                bar.set_postfix_str(f"{summary['output_tokens_per_s']:.1f} tok/s{kl}", refresh=False)
-    sessions.append(session)
-    del llm, engine
+
+    def record(output: RequestOutput) -> dict[str, Any]:
+        trace, probe = by_id[output.request_id], probes[output.request_id]
+        if dense:
+            np.savez(_reference_path(reference, trace.trace_id), ids=probe.top_ids, logprobs=probe.top_logprobs)
+        return make_record(trace, output.outputs[0].token_ids, probe, output.metrics, dense)
+
+    def postfix(summary: dict[str, Any]) -> str:
+        kl = "" if summary["kl"] is None else f", KL {summary['kl']:.4f}"
+        return f"{summary['output_tokens_per_s']:.1f} tok/s{kl}"
+
+    drive(llm, run, requests, records, sessions, run_cfg["traces"]["num_traces"], record,
+          lambda llm, wall, done: _session(llm, wall, done, config.engine),
+          lambda sessions: write_summary(run, run_cfg, records, sessions), postfix)
+    del llm
     gc.collect()
 
 
 def run_one(config: ReplayConfig, run: Run, share: ShareConfig, traces: list[Trace], reference: Path, dense: bool,
             memshare_ratio: float | None) -> dict[str, Any]:
     run_cfg = run_config(config, run, share, traces, memshare_ratio)
-    order = {t.trace_id: i for i, t in enumerate(traces)}
-    records, sessions = open_run(run, run_cfg, "trace_id", order)
-    done = {r["trace_id"] for r in records}
-    todo = [t for t in traces if t.trace_id not in done]
-    if todo:
-        replay(config, run, share, todo, reference, dense, records, sessions, run_cfg)
-    records.sort(key=lambda r: order[r["trace_id"]])
-    write_atomic(run.path, "".join(json.dumps(r) + "\n" for r in records))
-    return write_summary(run, run_cfg, records, sessions)
+
+    def work(done: set[str], records: list[dict[str, Any]], sessions: list[dict[str, Any]]) -> None:
+        replay(config, run, share, [t for t in traces if t.trace_id not in done], reference, dense, records,
+               sessions, run_cfg)
+
+    return resume(run, run_cfg, "trace_id", {t.trace_id: i for i, t in enumerate(traces)}, work,
+                  lambda records, sessions: write_summary(run, run_cfg, records, sessions))
 
 
 def load_traces(config: ReplayConfig) -> list[Trace]:

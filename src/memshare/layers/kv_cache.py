@@ -20,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from memshare.config import check_kv_cache_dtype
 from memshare.errors import KVCacheDtypeError
 
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "int8_per_token_head",
-                   "int4_per_token_head", "int4_kivi")
 SCALE_DTYPE = torch.float16
 
 
@@ -73,11 +72,6 @@ FORMATS = {
     "int4_per_token_head": KVFormat("int4_per_token_head", torch.uint8, 4, "token", "token"),
     "int4_kivi": KVFormat("int4_kivi", torch.uint8, 4, "channel", "token", asymmetric=True),
 }
-
-
-def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise KVCacheDtypeError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
 
 
 def kv_format(kv_cache_dtype: str, model_dtype: torch.dtype, head_dim: int | None = None) -> KVFormat:

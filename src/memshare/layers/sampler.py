@@ -1,12 +1,34 @@
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from memshare.engine.sequence import Sequence
 from memshare.outputs import Logprob
+from memshare.sampling_params import LogitsProcessor
 
 
-def _candidates(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+@dataclass(slots=True)
+class SamplingBatch:
+    """How to sample each row of a [B, V] logits batch: per-row tensors on the logits' device, and per-row lists for
+    what runs row by row. The engine builds it from its sequences (engine/model_runner.py `sampling_batch`)."""
+
+    temperatures: torch.Tensor  # [B] float32; 1.0 where greedy (temperature 0)
+    top_ks: torch.Tensor  # [B] int64; 0: no top-k
+    top_ps: torch.Tensor  # [B] float64, exactly as requested (1.0: no top-p); the filters compute in float32
+    min_ps: torch.Tensor  # [B] float32; 0: no min-p
+    greedy: torch.Tensor  # [B] bool
+    forced_token_ids: torch.Tensor  # [B] int64: the token teacher forcing produces this step, -1 where none
+    generators: list[torch.Generator | None]  # a seeded row's own generator, None where unseeded
+    logprobs: list[int | None]  # top-k logprobs to return per row (0: the sampled token's only), None: none
+    banned_token_ids: list[list[int]]  # tokens this step must not produce (stops before min_tokens), [] where none
+    # The logits processor calls of each row, in order, each with the output token ids it receives.
+    logits_processors: list[list[tuple[LogitsProcessor, list[int]]]]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+
+def _candidates(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Temperature, top-k, top-p and min-p on [B, V] logits, vectorized over the batch.
 
     Returns (probs [B, C], token ids [B, C]) over the C most likely tokens, zero where a filter drops one;
@@ -14,16 +36,14 @@ def _candidates(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tenso
     eightfold until it holds every row's top-p mass, so nothing is sorted over the whole vocabulary (a full
     sort of 64 x 151k logits costs more than the model's forward pass on a CPU).
     """
-    params = [s.params for s in seqs]
     vocab = logits.shape[1]
-    temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
-    probs = (logits / temps.unsqueeze(1)).softmax(dim=1)
-    min_ps = torch.tensor([p.min_p for p in params], device=logits.device).unsqueeze(1)
-    if all(p.top_k == 0 and p.top_p == 1 for p in params):
+    probs = (logits / batch.temperatures.unsqueeze(1)).softmax(dim=1)
+    min_ps = batch.min_ps.unsqueeze(1)
+    if bool(((batch.top_ks == 0) & (batch.top_ps == 1)).all()):
         return probs.masked_fill(probs < probs.max(dim=1, keepdim=True).values * min_ps, 0.0), None
-    top_ks = torch.tensor([p.top_k or vocab for p in params], device=logits.device).clamp(max=vocab)
-    top_ps = torch.tensor([p.top_p for p in params], device=logits.device)
-    num = vocab if ((top_ks == vocab) & (top_ps == 1)).any() else min(max([64] + [p.top_k for p in params]), vocab)
+    top_ks = torch.where(batch.top_ks == 0, vocab, batch.top_ks).clamp(max=vocab)
+    top_ps = batch.top_ps.float()
+    num = vocab if ((top_ks == vocab) & (top_ps == 1)).any() else min(max(64, int(batch.top_ks.max())), vocab)
     values, ids = probs.topk(num, dim=1)
     while num < vocab and (values.sum(dim=1) < top_ps).any():
         num = min(num * 8, vocab)
@@ -40,16 +60,16 @@ def _candidates(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tenso
     return values[:, :width].masked_fill(drop[:, :width], 0.0), ids[:, :width]
 
 
-def _sample_rows(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Inverse-CDF sampling, one uniform draw per row; a seeded sequence draws from its own generator.
+def _sample_rows(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Inverse-CDF sampling, one uniform draw per row; a seeded row draws from its own generator.
 
     One draw per step whatever the number of kept candidates keeps a seeded stream aligned even when
     numerics of another batch shape move a token across the top-p boundary.
     """
-    uniform = torch.rand(len(seqs), 1, device=probs.device)
-    for row, seq in enumerate(seqs):
-        if seq.generator is not None:
-            uniform[row] = torch.rand(1, generator=seq.generator, device=probs.device)
+    uniform = torch.rand(len(generators), 1, device=probs.device)
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            uniform[row] = torch.rand(1, generator=generator, device=probs.device)
     cdf = probs.cumsum(dim=1)
     index = (cdf < uniform * cdf[:, -1:]).sum(dim=1)
     # Never land on a dropped (zero-probability) token past the last kept one.
@@ -57,14 +77,13 @@ def _sample_rows(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return torch.minimum(index, last_kept)
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence],
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_ks: list[int | None],
               decode: Callable[[int], str]) -> list[dict[int, Logprob] | None]:
     logprobs = logits.log_softmax(dim=1)
     chosen = logprobs.gather(1, tokens.unsqueeze(1))
     ranks = (logprobs > chosen).sum(dim=1) + 1
     result: list[dict[int, Logprob] | None] = []
-    for row, seq in enumerate(seqs):
-        k = seq.params.logprobs
+    for row, k in enumerate(top_ks):
         if k is None:
             result.append(None)
             continue
@@ -78,44 +97,42 @@ def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence],
     return result
 
 
-def _apply_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    for row, seq in enumerate(seqs):
-        for processor in seq.params.logits_processors:
-            logits[row] = processor(seq.output_token_ids, logits[row])
+def _apply_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    for row, calls in enumerate(batch.logits_processors):
+        for processor, output_token_ids in calls:
+            logits[row] = processor(output_token_ids, logits[row])
+    return logits
+
+
+def _suppress_stops_before_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    for row, banned in enumerate(batch.banned_token_ids):
+        if banned:
+            logits[row, banned] = float("-inf")
     return logits
 
 
 class Sampler:
-    """Turns the last-position logits of each sequence into its next token (and logprobs on request)."""
+    """Turns the last-position logits of each row into its next token (and logprobs on request), as `batch` says:
+    logits processors first, then the stop tokens banned before `min_tokens`, then forced, greedy or sampled."""
 
-    def __init__(self, eos_token_ids: set[int], decode: Callable[[int], str]) -> None:
-        self.eos_token_ids = sorted(eos_token_ids)
+    def __init__(self, decode: Callable[[int], str]) -> None:
         self.decode = decode
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list]:
-        logits = self._suppress_stops_before_min_tokens(_apply_processors(logits.float(), seqs), seqs)
-        forced = [s.params.forced_token_ids[s.num_output_tokens] if s.params.forced_token_ids else -1 for s in seqs]
-        forced_ids = torch.tensor(forced, device=logits.device)
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
-        if min(forced) >= 0:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list]:
+        logits = _suppress_stops_before_min_tokens(_apply_processors(logits.float(), batch), batch)
+        forced_ids, greedy = batch.forced_token_ids, batch.greedy
+        if bool((forced_ids >= 0).all()):
             tokens = forced_ids
         elif greedy.all():
             tokens = logits.argmax(dim=1)
         else:
-            probs, ids = _candidates(logits, seqs)
-            sampled = _sample_rows(probs, seqs)
+            probs, ids = _candidates(logits, batch)
+            sampled = _sample_rows(probs, batch.generators)
             if ids is not None:
                 sampled = ids.gather(1, sampled.unsqueeze(1)).squeeze(1)
             tokens = torch.where(greedy, logits.argmax(dim=1), sampled)
         tokens = torch.where(forced_ids >= 0, forced_ids, tokens)
-        logprobs = [None] * len(seqs)
-        if any(s.params.logprobs is not None for s in seqs):
-            logprobs = _logprobs(logits, tokens, seqs, self.decode)
+        logprobs = [None] * len(batch)
+        if any(k is not None for k in batch.logprobs):
+            logprobs = _logprobs(logits, tokens, batch.logprobs, self.decode)
         return tokens.tolist(), logprobs
-
-    def _suppress_stops_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        for row, seq in enumerate(seqs):
-            if seq.num_output_tokens < seq.params.min_tokens:
-                banned = seq.params.stop_token_ids + ([] if seq.params.ignore_eos else self.eos_token_ids)
-                logits[row, banned] = float("-inf")
-        return logits

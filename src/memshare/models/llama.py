@@ -14,8 +14,6 @@ from transformers import PreTrainedModel
 from memshare.layers.attention import PagedContext, paged_attention
 from memshare.layers.fused import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
-
 
 def _fuse(*linears: nn.Linear) -> nn.Linear:
     """One linear layer whose output is the concatenation of `linears`' outputs."""
@@ -71,8 +69,8 @@ class PagedLlamaForCausalLM(nn.Module):
 
     @staticmethod
     def applies(model: PreTrainedModel) -> bool:
-        config = model.config
-        return config.model_type in ARCHITECTURES and config.hidden_act == "silu" and hasattr(model.model, "rotary_emb")
+        """Whether a model of a Llama-family type (models/registry.py: LEAN_MODELS) has what this forward runs."""
+        return model.config.hidden_act == "silu" and hasattr(model.model, "rotary_emb")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_rows: torch.Tensor,
                 paged: PagedContext) -> torch.Tensor:

@@ -16,7 +16,7 @@ from transformers import (
 from memshare.config import EngineConfig
 from memshare.errors import UnknownModelError
 from memshare.layers.attention import ATTN_IMPLEMENTATION, register_paged_attention
-from memshare.models.registry import CONFIG_ONLY_MODELS, resolve_model
+from memshare.models.weights import CONFIG_ONLY_MODELS, resolve_model
 
 logger = logging.getLogger("memshare")
 

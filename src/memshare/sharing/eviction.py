@@ -14,66 +14,15 @@ evicted. It frees the same memory; attention sees the similar block where evicti
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
-from memshare.config import ShareConfig, check_fraction, check_positive, register_policy
-from memshare.engine.block_manager import BlockManager
-from memshare.engine.policy import ModelAccess, SharingPolicy, first_holders
-from memshare.engine.sequence import Sequence
+from memshare.config import register_policy
+from memshare.engine.policy import KVBlockOps, ModelAccess, PolicyRequest, SharingPolicy, first_holders
+from memshare.sharing.configs import H2OConfig, RKVConfig, StreamingLLMConfig
 from memshare.sharing.stage2 import local_scorer
 
 RKV_OBSERVATION_WINDOW = 8  # R-KV scores importance with the attention of the last 8 queries
-
-
-@dataclass(slots=True)
-class StreamingLLMConfig(ShareConfig):
-    """StreamingLLM: the prompt (its first tokens are the attention sinks) and the most recent generated blocks."""
-
-    policy: ClassVar[str] = "streamingllm"
-    kv_budget: float = field(default=32, metadata={
-        "help": "generated blocks kept per request (below 1: that fraction)"})
-    remap_threshold: float = field(default=2.0, metadata={
-        "help": "share a given-up block with its most similar earlier kept block at this stage-2 similarity "
-                "instead of evicting it (above 1: always evict)"})
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.remap_threshold, (int, float)) or not self.remap_threshold >= 0:
-            raise ValueError(f"remap_threshold must be a number >= 0 (above 1: never), got {self.remap_threshold!r}")
-        budget = self.kv_budget
-        if not isinstance(budget, (int, float)) or not budget > 0 or math.isinf(budget):
-            raise ValueError(f"kv_budget must be a block count >= 1 or a fraction in (0, 1), got {budget!r}")
-        if budget > 1 and budget != int(budget):
-            raise ValueError(f"kv_budget above 1 is a number of blocks and must be whole, got {budget!r}")
-
-
-@dataclass(slots=True)
-class H2OConfig(StreamingLLMConfig):
-    """H2O: heavy hitters by accumulated attention plus `recent_fraction` of the budget as recent window."""
-
-    policy: ClassVar[str] = "h2o"
-    recent_fraction: float = field(default=0.5, metadata={"help": "share of the budget kept as recent window"})
-
-    def __post_init__(self) -> None:
-        super(H2OConfig, self).__post_init__()
-        check_fraction(self, "recent_fraction")
-
-
-@dataclass(slots=True)
-class RKVConfig(StreamingLLMConfig):
-    """R-KV: attention importance minus key redundancy, weighted by `rkv_lambda`, every `compress_interval`
-    tokens."""
-
-    policy: ClassVar[str] = "rkv"
-    compress_interval: int = field(default=128, metadata={"help": "compress every N generated tokens"})
-    rkv_lambda: float = field(default=0.1, metadata={
-        "help": "weight of attention importance against key redundancy"})
-
-    def __post_init__(self) -> None:
-        super(RKVConfig, self).__post_init__()
-        check_fraction(self, "rkv_lambda")
-        check_positive(self, "compress_interval")
 
 
 @dataclass(slots=True)
@@ -89,7 +38,7 @@ class EvictionState:
 class EvictionPolicy(SharingPolicy):
     """StreamingLLM: the most recent generated blocks fill the whole budget."""
 
-    def __init__(self, config: StreamingLLMConfig, block_manager: BlockManager, model: ModelAccess) -> None:
+    def __init__(self, config: StreamingLLMConfig, block_manager: KVBlockOps, model: ModelAccess) -> None:
         super().__init__(config, block_manager, model)
         self.block_size = block_manager.block_size
         self.states: dict[int, EvictionState] = {}
@@ -97,11 +46,11 @@ class EvictionPolicy(SharingPolicy):
         self.blocks_shared = 0
         self.score = local_scorer(block_manager, model.unrotate_keys) if config.remap_threshold <= 1 else None
 
-    def observe(self, seq: Sequence, query: torch.Tensor) -> None:
+    def observe(self, seq: PolicyRequest, query: torch.Tensor) -> None:
         """The query [layers, heads, head_dim] of `seq`'s latest decoded token (for attention-based scores)."""
         self._state(seq).queries.append((seq.num_computed_tokens - 1, query))
 
-    def after_step(self, running: list[Sequence]) -> None:
+    def after_step(self, running: list[PolicyRequest]) -> None:
         for seq in running:
             if seq.num_computed_tokens != seq.num_tokens - 1:
                 continue  # prefilling or recomputing: only a decoding sequence is compressed
@@ -113,27 +62,27 @@ class EvictionPolicy(SharingPolicy):
                 keep = set(self.select(seq, state, owned, limit))
                 self._give_up(seq, state, [i for i in owned if i not in keep])
 
-    def limit(self, seq: Sequence, generated: int) -> int:
+    def limit(self, seq: PolicyRequest, generated: int) -> int:
         budget = self.config.kv_budget
         if budget >= 1:
             return int(budget)
         return max(1, math.ceil(budget * (generated + seq.num_evicted_tokens // self.block_size)))
 
-    def due(self, seq: Sequence, state: EvictionState) -> bool:
+    def due(self, seq: PolicyRequest, state: EvictionState) -> bool:
         return True
 
-    def select(self, seq: Sequence, state: EvictionState, owned: list[int], limit: int) -> list[int]:
+    def select(self, seq: PolicyRequest, state: EvictionState, owned: list[int], limit: int) -> list[int]:
         """Entries of `owned` (generated, holding their own block) to keep, `limit` of them including the last."""
         return owned[-limit:]
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: PolicyRequest) -> None:
         super().finish(seq)
         self.states.pop(seq.seq_id, None)
 
     def stats(self) -> dict[str, float | int]:
         return super().stats() | {"blocks_evicted": self.blocks_evicted, "blocks_shared": self.blocks_shared}
 
-    def _state(self, seq: Sequence) -> EvictionState:
+    def _state(self, seq: PolicyRequest) -> EvictionState:
         state = self.states.get(seq.seq_id)
         if state is None or state.preemptions != seq.num_preemptions:
             # New, or recomputed after preemption: every block is back at its own position.
@@ -146,17 +95,17 @@ class EvictionPolicy(SharingPolicy):
         return state
 
     @staticmethod
-    def _owned(seq: Sequence, first: int) -> list[int]:
+    def _owned(seq: PolicyRequest, first: int) -> list[int]:
         # Remapped entries hold no block of their own: they neither count against the budget nor free anything.
         holders = first_holders(seq.block_table)
         return [i for i in range(first, len(seq.block_table)) if holders[seq.block_table[i]] == i]
 
-    def _give_up(self, seq: Sequence, state: EvictionState, indices: list[int]) -> None:
+    def _give_up(self, seq: PolicyRequest, state: EvictionState, indices: list[int]) -> None:
         remapped = self._remap(seq, state, indices) if self.score is not None else set()
         self._evict(seq, state, [i for i in indices if i not in remapped])
         state.compressed_at = seq.num_output_tokens
 
-    def _remap(self, seq: Sequence, state: EvictionState, indices: list[int]) -> set[int]:
+    def _remap(self, seq: PolicyRequest, state: EvictionState, indices: list[int]) -> set[int]:
         """Share each given-up entry with its most similar earlier kept entry at or above `remap_threshold`."""
         table, given = seq.block_table, set(indices)
         last = len(table) - 1  # still being written
@@ -176,7 +125,7 @@ class EvictionPolicy(SharingPolicy):
         self.blocks_shared += len(remapped)
         return remapped
 
-    def _evict(self, seq: Sequence, state: EvictionState, indices: list[int]) -> None:
+    def _evict(self, seq: PolicyRequest, state: EvictionState, indices: list[int]) -> None:
         self.block_manager.evict(seq, indices)
         dropped = set(indices)
         state.positions = [p for i, p in enumerate(state.positions) if i not in dropped]
@@ -184,7 +133,8 @@ class EvictionPolicy(SharingPolicy):
         state.scores = [s for i, s in enumerate(state.scores) if i not in dropped]
         self.blocks_evicted += len(indices)
 
-    def attention(self, seq: Sequence, state: EvictionState, queries: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    def attention(self, seq: PolicyRequest, state: EvictionState,
+                  queries: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """Attention of `queries` to each table entry [entries], summed over queries, layers and heads."""
         keys, _ = self.block_manager.read_kv(seq.block_table)  # [layers, entries, bs, kv_heads, dim]
         layers, entries, bs, kv_heads, dim = keys.shape
@@ -204,19 +154,19 @@ class H2OPolicy(EvictionPolicy):
 
     needs_queries = True
 
-    def observe(self, seq: Sequence, query: torch.Tensor) -> None:
+    def observe(self, seq: PolicyRequest, query: torch.Tensor) -> None:
         super().observe(seq, query)
         state = self.states[seq.seq_id]
         if len(state.queries) >= self.block_size:  # score in batches: buffered queries cost memory
             self._accumulate(seq, state)
 
-    def select(self, seq: Sequence, state: EvictionState, owned: list[int], limit: int) -> list[int]:
+    def select(self, seq: PolicyRequest, state: EvictionState, owned: list[int], limit: int) -> list[int]:
         self._accumulate(seq, state)
         recent = max(1, round(limit * self.config.recent_fraction))
         heavy = sorted(owned[:-recent], key=lambda i: -state.scores[i])[: limit - recent]
         return heavy + owned[-recent:]
 
-    def _accumulate(self, seq: Sequence, state: EvictionState) -> None:
+    def _accumulate(self, seq: PolicyRequest, state: EvictionState) -> None:
         if state.queries:
             attention = self.attention(seq, state, list(state.queries)).tolist()
             state.scores = [s + a for s, a in zip(state.scores, attention)]
@@ -229,16 +179,16 @@ class RKVPolicy(EvictionPolicy):
 
     needs_queries = True
 
-    def observe(self, seq: Sequence, query: torch.Tensor) -> None:
+    def observe(self, seq: PolicyRequest, query: torch.Tensor) -> None:
         super().observe(seq, query)
         state = self.states[seq.seq_id]
         while len(state.queries) > RKV_OBSERVATION_WINDOW:
             state.queries.popleft()
 
-    def due(self, seq: Sequence, state: EvictionState) -> bool:
+    def due(self, seq: PolicyRequest, state: EvictionState) -> bool:
         return seq.num_output_tokens - state.compressed_at >= self.config.compress_interval
 
-    def select(self, seq: Sequence, state: EvictionState, owned: list[int], limit: int) -> list[int]:
+    def select(self, seq: PolicyRequest, state: EvictionState, owned: list[int], limit: int) -> list[int]:
         candidates = owned[:-1]
         importance = self.attention(seq, state, list(state.queries))[candidates] if state.queries else \
             torch.zeros(len(candidates))

@@ -10,62 +10,17 @@ Per running sequence, after every engine step:
    replaced; after a preemption the recomputed blocks are compared again.
 """
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
-from memshare.config import ShareConfig, check_positive, register_policy
-from memshare.engine.block_manager import BlockManager
-from memshare.engine.policy import ModelAccess, SharingPolicy, first_holders
-from memshare.engine.sequence import Sequence
-from memshare.sharing.stage1 import STAGE1_ENCODERS, StepIndex, make_encoder
-from memshare.sharing.stage2 import STAGE2_METRICS, Scorer, local_scorer
-from memshare.sharing.steps import REFLECTION_CUES, SplitState, StepSplitter
-
-
-@dataclass(slots=True)
-class MemShareConfig(ShareConfig):
-    """MemShare: a finished step is compared by bag-of-words cosine over token ids with every earlier step
-    (stage 1; `stage1="lsh"` buckets by random-hyperplane LSH first); candidates at or above `step_threshold` have
-    their blocks compared with the step's blocks by normalized Euclidean similarity of K and V (stage 2); a block
-    whose best match reaches `block_threshold` is shared. Thresholds above 1 never share. `memshare calibrate`
-    proposes a block threshold for a model. Ablations: `stage1="embedding"` (mean input embedding) or `"minilm"`
-    (sentence embedding of the step text), `stage2="cosine"`."""
-
-    policy: ClassVar[str] = "memshare"
-    step_threshold: float = field(default=0.9, metadata={
-        "help": "stage-1 cosine a step needs to be a candidate (above 1: never)"})
-    block_threshold: float = field(default=0.8, metadata={
-        "help": "stage-2 similarity a block pair needs to be shared (above 1: never)"})
-    stage1: str = field(default="bow", metadata={
-        "help": "bow: cosine against every earlier step; lsh: hyperplane-LSH buckets first",
-        "choices": STAGE1_ENCODERS})
-    stage2: str = field(default="euclidean", metadata={
-        "help": "block similarity: normalized Euclidean (MemShare) or cosine (ablation)", "choices": STAGE2_METRICS})
-    min_step_tokens: int = field(default=16, metadata={"help": "a shorter step continues into the next"})
-    split_on_blank_line: bool = True
-    reflection_cues: tuple[str, ...] = REFLECTION_CUES
-    # Stage 2 reads the KV of at most this many best stage-1 candidates per step, bounding its cost on long chains.
-    max_candidate_steps: int = 8
-    # 16 bands of 8 bits: a pair at cosine 0.9 collides in some band with p > 0.99, unrelated steps with p ~ 0.06.
-    lsh_bands: int = 16
-    lsh_rows: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.stage1 not in STAGE1_ENCODERS:
-            raise ValueError(f"stage1 must be one of {STAGE1_ENCODERS}, got {self.stage1!r}")
-        if self.stage2 not in STAGE2_METRICS:
-            raise ValueError(f"stage2 must be one of {STAGE2_METRICS}, got {self.stage2!r}")
-        for name in ("step_threshold", "block_threshold"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0 (above 1 never shares), got {value!r}")
-        check_positive(self, "min_step_tokens", "max_candidate_steps", "lsh_bands", "lsh_rows")
-        self.reflection_cues = tuple(self.reflection_cues)
+from memshare.config import register_policy
+from memshare.engine.policy import BlockOps, ModelAccess, PolicyRequest, SharingPolicy, first_holders
+from memshare.sharing.configs import MemShareConfig
+from memshare.sharing.stage1 import StepIndex, make_encoder
+from memshare.sharing.stage2 import Scorer, local_scorer
+from memshare.sharing.steps import SplitState, StepSplitter
 
 
 @dataclass(slots=True)
@@ -89,7 +44,7 @@ class SeqState:
 
 
 class MemSharePolicy(SharingPolicy):
-    def __init__(self, config: MemShareConfig, block_manager: BlockManager, model: ModelAccess,
+    def __init__(self, config: MemShareConfig, block_manager: BlockOps, model: ModelAccess,
                  scorer: Scorer | None = None) -> None:
         if model.decode is None:
             raise ValueError("memshare splits steps on decoded text; it needs a tokenizer; skip_tokenizer_init=False")
@@ -104,9 +59,9 @@ class MemSharePolicy(SharingPolicy):
         self.stage2_pairs = 0
         # Called with (seq, entry, source entry, stage-2 similarity) on every share when an analysis asks for it;
         # a log kept by default would grow for as long as a server runs.
-        self.on_share: Callable[[Sequence, int, int, float], None] | None = None
+        self.on_share: Callable[[PolicyRequest, int, int, float], None] | None = None
 
-    def after_step(self, running: list[Sequence]) -> None:
+    def after_step(self, running: list[PolicyRequest]) -> None:
         for seq in running:
             state = self.states.get(seq.seq_id) or self._start(seq)
             if seq.num_preemptions != state.preemptions:
@@ -114,7 +69,7 @@ class MemSharePolicy(SharingPolicy):
             self._split(seq, state)
             self._share(seq, state)
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: PolicyRequest) -> None:
         super().finish(seq)
         self.states.pop(seq.seq_id, None)
 
@@ -122,7 +77,7 @@ class MemSharePolicy(SharingPolicy):
         return super().stats() | {"blocks_shared": self.blocks_shared, "stage1_candidates": self.stage1_candidates,
                                   "stage2_pairs": self.stage2_pairs}
 
-    def _start(self, seq: Sequence) -> SeqState:
+    def _start(self, seq: PolicyRequest) -> SeqState:
         state = SeqState(SplitState(0), self.index_type(self.config), self.first_generated_block(seq),
                          seq.num_preemptions)
         for position in range(seq.num_prompt_tokens):
@@ -141,7 +96,7 @@ class MemSharePolicy(SharingPolicy):
         for step in state.pending:
             step.next_block = max(step.start // self.block_size, state.first_generated_block)
 
-    def _split(self, seq: Sequence, state: SeqState) -> None:
+    def _split(self, seq: PolicyRequest, state: SeqState) -> None:
         for position in range(state.num_seen, seq.num_tokens):
             self._push(state, position, seq.token_ids[position], generated=True)
         state.num_seen = seq.num_tokens
@@ -166,7 +121,7 @@ class MemSharePolicy(SharingPolicy):
         if step.candidates:
             state.pending.append(step)
 
-    def _share(self, seq: Sequence, state: SeqState) -> None:
+    def _share(self, seq: PolicyRequest, state: SeqState) -> None:
         bs = self.block_size
         num_computed = seq.num_computed_tokens // bs
         queries: list[tuple[int, list[int]]] = []
@@ -181,7 +136,7 @@ class MemSharePolicy(SharingPolicy):
         if queries:
             self._compare_and_share(seq, queries)
 
-    def _compare_and_share(self, seq: Sequence, queries: list[tuple[int, list[int]]]) -> None:
+    def _compare_and_share(self, seq: PolicyRequest, queries: list[tuple[int, list[int]]]) -> None:
         table = seq.block_table
         holder = first_holders(table)
         columns = sorted({holder[table[a]] for _, allowed in queries for a in allowed})

@@ -6,25 +6,11 @@ random while the affected ratio over a run matches the requested one to within a
 """
 
 import random
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
-from memshare.config import ShareConfig, check_fraction, register_policy
-from memshare.engine.block_manager import BlockManager
-from memshare.engine.policy import ModelAccess, SharingPolicy
-from memshare.engine.sequence import Sequence
-
-
-@dataclass(slots=True)
-class RandomShareConfig(ShareConfig):
-    """Random sharing: each full generated block shares a random earlier block at rate `share_ratio`."""
-
-    policy: ClassVar[str] = "random"
-    share_ratio: float = field(default=0.1, metadata={"help": "fraction of generated blocks shared"})
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_fraction(self, "share_ratio")
+from memshare.config import register_policy
+from memshare.engine.policy import BlockOps, ModelAccess, PolicyRequest, SharingPolicy
+from memshare.sharing.configs import RandomShareConfig
 
 
 @dataclass(slots=True)
@@ -36,7 +22,7 @@ class RandomState:
 
 
 class RandomSharePolicy(SharingPolicy):
-    def __init__(self, config: RandomShareConfig, block_manager: BlockManager, model: ModelAccess) -> None:
+    def __init__(self, config: RandomShareConfig, block_manager: BlockOps, model: ModelAccess) -> None:
         super().__init__(config, block_manager, model)
         self.ratio = config.share_ratio
         self.rng = random.Random(config.seed)
@@ -44,7 +30,7 @@ class RandomSharePolicy(SharingPolicy):
         self.debt = 0.0
         self.blocks_shared = 0
 
-    def after_step(self, running: list[Sequence]) -> None:
+    def after_step(self, running: list[PolicyRequest]) -> None:
         for seq in running:
             state = self.states.get(seq.seq_id)
             if state is None:
@@ -55,7 +41,7 @@ class RandomSharePolicy(SharingPolicy):
                 self._consider(seq, state, index)
             state.next_block = max(state.next_block, seq.num_cached_kv_tokens // self.block_manager.block_size)
 
-    def _consider(self, seq: Sequence, state: RandomState, index: int) -> None:
+    def _consider(self, seq: PolicyRequest, state: RandomState, index: int) -> None:
         state.considered += 1
         self.debt += self.ratio
         table = seq.block_table
@@ -66,12 +52,12 @@ class RandomSharePolicy(SharingPolicy):
             state.shared += 1
             self.blocks_shared += 1
 
-    def _rewind(self, seq: Sequence, state: RandomState) -> None:
+    def _rewind(self, seq: PolicyRequest, state: RandomState) -> None:
         # Preemption freed every block, shares included: take back this sequence's part of the debt.
         self.debt -= self.ratio * state.considered - state.shared
         self.states[seq.seq_id] = RandomState(self.first_generated_block(seq), seq.num_preemptions)
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: PolicyRequest) -> None:
         super().finish(seq)
         state = self.states.pop(seq.seq_id, None)
         # Blocks never considered (the one being written) still count in the affected ratio's denominator.

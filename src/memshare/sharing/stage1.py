@@ -6,16 +6,12 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from functools import cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from memshare.sharing.memshare import MemShareConfig
-
-STAGE1_ENCODERS = ("bow", "lsh", "embedding", "minilm")
+from memshare.sharing.configs import MemShareConfig
 
 StepEncoder = Callable[[list[int]], Counter | torch.Tensor]
 
@@ -31,7 +27,7 @@ def cosine(a: Counter, b: Counter) -> float:
 class StepIndex:
     """The steps of one sequence as bags of token ids; `candidates` scores a new step against every earlier one."""
 
-    def __init__(self, config: "MemShareConfig") -> None:
+    def __init__(self, config: MemShareConfig) -> None:
         self.threshold = config.step_threshold
         self.max_candidates = config.max_candidate_steps
         self.bags: list[Counter] = []
@@ -61,7 +57,7 @@ class LSHStepIndex(StepIndex):
     a sub-linear pre-filter for cosine similarity on long chains.
     """
 
-    def __init__(self, config: "MemShareConfig") -> None:
+    def __init__(self, config: MemShareConfig) -> None:
         super().__init__(config)
         self.bands, self.rows, self.seed = config.lsh_bands, config.lsh_rows, config.seed
         self.buckets: defaultdict[tuple, list[int]] = defaultdict(list)
@@ -120,7 +116,7 @@ def sentence_embedding(text: str) -> torch.Tensor:
     return F.normalize(hidden.mean(0), dim=0)  # all-MiniLM's pooling: mean over tokens, then unit length
 
 
-def make_encoder(config: "MemShareConfig", decode: Callable[[list[int]], str],
+def make_encoder(config: MemShareConfig, decode: Callable[[list[int]], str],
                  embed_tokens: Callable[[list[int]], torch.Tensor]) -> tuple[StepEncoder, type[StepIndex]]:
     """The step encoder and the index that compares its outputs, for `config.stage1`."""
     if config.stage1 == "embedding":

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from memshare.engine.block_manager import BlockManager
-from memshare.engine.policy import UnrotateKeys
+from memshare.engine.policy import KVBlockOps, UnrotateKeys
 
-STAGE2_METRICS = ("euclidean", "cosine")
 # (physical block ids, first position of each block's KV, m) -> similarity [m, n - m] of the first m blocks with the
 # rest. Where the KV cache lives decides how it is computed: here, or on vLLM's workers.
 Scorer = Callable[[Sequence[int], Sequence[int], int], torch.Tensor]
@@ -88,7 +86,7 @@ def block_similarity(query_keys: torch.Tensor, query_values: torch.Tensor,
     return similarity(partial_sums(query_keys, query_values, keys, values, metric), metric)
 
 
-def read_blocks(block_manager: BlockManager, unrotate_keys: UnrotateKeys, block_ids: Sequence[int],
+def read_blocks(block_manager: KVBlockOps, unrotate_keys: UnrotateKeys, block_ids: Sequence[int],
                 first_positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """K (RoPE undone) and V of physical blocks whose KV was written from `first_positions` on."""
     keys, values = block_manager.read_kv(block_ids)
@@ -98,7 +96,7 @@ def read_blocks(block_manager: BlockManager, unrotate_keys: UnrotateKeys, block_
     return unrotate_keys(keys.flatten(1, 2), positions).view_as(keys), values
 
 
-def local_scorer(block_manager: BlockManager, unrotate_keys: UnrotateKeys, metric: str = "euclidean") -> Scorer:
+def local_scorer(block_manager: KVBlockOps, unrotate_keys: UnrotateKeys, metric: str = "euclidean") -> Scorer:
     """Stage 2 over this process's KV cache."""
     def score(block_ids: Sequence[int], first_positions: Sequence[int], m: int) -> torch.Tensor:
         keys, values = read_blocks(block_manager, unrotate_keys, block_ids, first_positions)

@@ -3,13 +3,8 @@
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from memshare.sharing.memshare import MemShareConfig
-
-REFLECTION_CUES = ("Wait", "Alternatively", "Hmm", "But", "Let me", "Let's", "Actually", "Double-check", "Verify",
-                   "Check")
+from memshare.sharing.configs import MemShareConfig
 
 
 @dataclass(slots=True)
@@ -21,7 +16,7 @@ class SplitState:
 class StepSplitter:
     """Feeds tokens one at a time and reports where steps end; a step shorter than `min_step_tokens` continues."""
 
-    def __init__(self, config: "MemShareConfig", decode_token: Callable[[int], str]) -> None:
+    def __init__(self, config: MemShareConfig, decode_token: Callable[[int], str]) -> None:
         self.min_step_tokens = config.min_step_tokens
         self.split_on_blank_line = config.split_on_blank_line
         self.cue_words = {re.split(r"[\s\-']", cue, maxsplit=1)[0] for cue in config.reflection_cues}

@@ -8,6 +8,7 @@ from typing import Any
 
 from memshare.config import ShareConfig
 from memshare.engine.policy import ModelAccess
+from memshare.engine.stats import saved_fraction
 from memshare.sharing.memshare import MemSharePolicy
 from memshare.sharing.stage2 import combine, similarity
 from memshare.vllm_plugin import _vllm_api as api
@@ -18,7 +19,7 @@ logger = logging.getLogger("memshare.vllm")
 
 @dataclass(slots=True)
 class RequestView:
-    """A vLLM request in the shape `MemSharePolicy` reads (memshare's `Sequence` fields it uses)."""
+    """A vLLM request as a policy reads it: implements `engine.policy.PolicyRequest`, as memshare's `Sequence` does."""
 
     seq_id: str
     num_prompt_tokens: int
@@ -34,9 +35,17 @@ class RequestView:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_cached_kv_tokens(self) -> int:
+        return self.num_computed_tokens - self.num_evicted_tokens
+
 
 class VllmBlocks:
-    """The block-manager methods `MemSharePolicy` calls, applied to vLLM's scheduler and block pool."""
+    """`engine.policy.BlockOps` on vLLM's scheduler and block pool: the block operations `MemSharePolicy` calls."""
 
     def __init__(self, scheduler: Any, on_share) -> None:
         self.scheduler = scheduler
@@ -122,8 +131,8 @@ class VllmMemShare:
         self.verified["free_block_mismatches"] += freed != self.policy.blocks_shared - shared
 
     def stats(self) -> dict[str, float | int]:
-        saved = 1 - self.sum_used / self.sum_logical if self.sum_logical else 0.0
-        return {**self.policy.stats(), "memory_saved_mean": saved, "num_steps": self.num_steps,
+        return {**self.policy.stats(), "memory_saved_mean": saved_fraction(self.sum_used, self.sum_logical),
+                "num_steps": self.num_steps,
                 "sharing_seconds": self.sharing_seconds, **(self.verified if self.verify else {})}
 
     def check_worker_rows(self) -> list[str]:
