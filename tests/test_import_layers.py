@@ -98,7 +98,7 @@ def layer_of(module: str) -> tuple[str, int]:
         return LAYERS["memshare"]
     keys = [k for k in LAYERS if k != "memshare" and (module == k or module.startswith(k + "."))]
     if not keys:
-        pytest.fail(f"{module} is in no layer: add it to LAYERS in tests/test_architecture.py")
+        pytest.fail(f"{module} is in no layer: add it to LAYERS in tests/test_import_layers.py")
     return LAYERS[max(keys, key=len)]
 
 
