@@ -28,6 +28,7 @@ from bench.peers import MAX_NEW_TOKENS, THREADS, math500_prompts
 from memshare import SamplingParams
 from memshare.config import EngineConfig
 from memshare.engine.llm_engine import LLMEngine
+from memshare.models.loader import head_dim
 from memshare.models.weights import resolve_model
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "bench" / "profile"
@@ -81,8 +82,8 @@ def workload_floor(model: str, gemm_gflops: float, num_prompts: int = 32) -> dic
     """The throughput workload's (bench/throughput.py) linear-layer FLOPs and the tok/s they allow at the GEMM
     roofline with nothing else taking time: no engine on this CPU in float32 can beat it."""
     config = AutoConfig.from_pretrained(resolve_model(model)[0]).get_text_config()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q, kv, hidden = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim, config.hidden_size
+    q, kv = config.num_attention_heads * head_dim(config), config.num_key_value_heads * head_dim(config)
+    hidden = config.hidden_size
     layer_params = config.num_hidden_layers * (hidden * (2 * q + 2 * kv) + 3 * hidden * config.intermediate_size)
     head_params = config.vocab_size * hidden
     prompt_tokens = sum(map(len, math500_prompts(AutoTokenizer.from_pretrained(resolve_model(model)[0]), num_prompts)))

@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 
 if "--smoke" in sys.argv:
@@ -35,6 +36,7 @@ from transformers import AutoConfig  # noqa: E402
 from memshare import LLM, SamplingParams, share_config  # noqa: E402
 from memshare.layers import triton_attention  # noqa: E402
 from memshare.layers.kv_cache import KVCache, block_bytes, kv_format  # noqa: E402
+from memshare.models.loader import head_dim as config_head_dim  # noqa: E402
 from memshare.models.weights import resolve_model  # noqa: E402
 from memshare.sharing.stage2 import block_similarity  # noqa: E402
 
@@ -93,16 +95,15 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * size / timed(lambda: dst.copy_(src), 10, device) / 1e9
 
 
+@cache
 def kv_shape(model: str) -> tuple:
     hf = AutoConfig.from_pretrained(resolve_model(model)[0]).get_text_config()
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    return hf, hf.num_attention_heads, hf.num_key_value_heads, head_dim
+    return hf, hf.num_attention_heads, hf.num_key_value_heads, config_head_dim(hf)
 
 
 def weight_bytes(hf, dtype: torch.dtype) -> int:
     """Bytes a decode step reads of a Llama-family model's weights (the embedding row gather is negligible)."""
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    q, kv = hf.num_attention_heads * head_dim, hf.num_key_value_heads * head_dim
+    q, kv = hf.num_attention_heads * config_head_dim(hf), hf.num_key_value_heads * config_head_dim(hf)
     layer = hf.hidden_size * (q + 2 * kv) + q * hf.hidden_size + 3 * hf.hidden_size * hf.intermediate_size
     return (hf.num_hidden_layers * layer + hf.vocab_size * hf.hidden_size) * dtype.itemsize
 

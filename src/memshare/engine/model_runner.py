@@ -158,7 +158,7 @@ class ModelRunner:
             tables.append(table[:num_blocks])
             seq_lens.append(end)
             if num_new == 1:
-                decode_tables.append(table[:num_blocks])
+                decode_tables.append(tables[-1])
                 decode_lens.append(end)
                 continue
             mask = None

@@ -16,8 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from memshare.config import ShareConfig, register_policy, registration
-
-UnrotateKeys = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from memshare.layers.rotary import UnrotateKeys
 
 
 @runtime_checkable

@@ -48,12 +48,16 @@ class KVGeometry:
     dtype: torch.dtype
 
 
+def head_dim(hf_config: PretrainedConfig) -> int:
+    """A text config's attention head size: its `head_dim` where it sets one, else hidden size over heads."""
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
 def kv_geometry(config: EngineConfig) -> KVGeometry:
     """The shape of the model's KV cache, from its config alone (no weights loaded)."""
     path, gguf_file = resolve_model(config.model)
     hf = AutoConfig.from_pretrained(path, gguf_file=gguf_file).get_text_config()
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    return KVGeometry(hf.num_hidden_layers, hf.num_key_value_heads, head_dim,
+    return KVGeometry(hf.num_hidden_layers, hf.num_key_value_heads, head_dim(hf),
                       pick_dtype(config, pick_device(config)))
 
 

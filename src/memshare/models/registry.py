@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from memshare.errors import UnsupportedRotaryError
 from memshare.layers.rotary import NeoxKeyUnrotation, UnrotateKeys, rope_type_problem, rotates_neox
 from memshare.models.llama import PagedLlamaForCausalLM
+from memshare.models.loader import head_dim as config_head_dim
 
 # HF model_type -> memshare's lean forward over the same weights (built as cls(hf_model) where cls.applies(hf_model)).
 LEAN_MODELS: dict[str, type[nn.Module]] = {
@@ -34,9 +35,6 @@ def lean_model(hf_model: PreTrainedModel, model_impl: str = "auto") -> nn.Module
     return lean(hf_model) if lean is not None and lean.applies(hf_model) else None
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
 
 def rotary_problems(hf_model: PreTrainedModel) -> list[str]:
     """Why the RoPE rotation of `hf_model`'s cached keys cannot be undone from their positions alone by the NeoX
@@ -47,7 +45,7 @@ def rotary_problems(hf_model: PreTrainedModel) -> list[str]:
     if rotary is None:
         inner = sorted({type(m).__name__ for m in hf_model.modules() if "Rotary" in type(m).__name__})
         return [f"its rotary embeddings ({', '.join(inner)}) are not the model's `rotary_emb`"] if inner else []
-    head_dim = _head_dim(config)
+    head_dim = config_head_dim(config)
     problems = []
     if config.model_type in INTERLEAVED_ROPE_MODELS or getattr(config, "rope_interleave", False):
         problems.append("it rotates interleaved pairs of dimensions (GPT-J style), not the two halves of each head "
