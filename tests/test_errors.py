@@ -1,5 +1,6 @@
 """Bad input raises a typed error, changes nothing, and the engine keeps serving."""
 
+import huggingface_hub.constants
 import pytest
 
 from memshare import (
@@ -17,8 +18,9 @@ from .conftest import MODEL
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
 
-def test_unknown_model_is_a_clear_error(tmp_path):
-    with pytest.raises(UnknownModelError, match="unknown model 'no-such-model'"):
+def test_unknown_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1: no hub look-up
+    with pytest.raises(UnknownModelError, match="unknown model 'no-such-model'.*not a Hugging Face Hub model"):
         LLM(model="no-such-model")
     with pytest.raises(UnknownModelError):
         LLM(model=str(tmp_path))
@@ -48,6 +50,8 @@ def test_bad_sampling_params_and_token_ids_leave_engine_serving(llm):
         llm.generate({"prompt_token_ids": [10**9]}, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="empty"):
         llm.generate({"prompt_token_ids": []}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="stop token ids"):
+        llm.generate("Hi", SamplingParams(stop_token_ids=[10**9], min_tokens=2), use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     assert len(llm.generate("Hi", GREEDY, use_tqdm=False)[0].outputs[0].token_ids) > 0
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from memshare import EngineConfig, PromptTooLongError, SamplingParams, share_config
 from memshare.engine.llm_engine import LLMEngine
+from memshare.eval import policies
 from memshare.eval.harness import plan_runs
 from memshare.eval.policies import expand_sweep, parse_policies, parse_sweep
 from memshare.eval.replay import TraceFileError, read_trace_file
@@ -215,8 +216,10 @@ def trace_file(tmp_path_factory) -> Path:
     return write_traces(tmp_path_factory.mktemp("traces") / "mini.jsonl", lines)
 
 
-def test_replay_gives_every_policy_the_same_tokens_and_scores_against_dense(tmp_path, trace_file, capsys):
+def test_replay_gives_every_policy_the_same_tokens_and_scores_against_dense(tmp_path, trace_file, capsys, monkeypatch):
     from memshare.entrypoints.cli import main
+
+    monkeypatch.setattr(policies, "MAX_TRIES", 1)  # the search is tests/test_matching.py's: one try keeps it short
 
     main([*REPLAY, "--traces", str(trace_file), "--out", str(tmp_path), "--policies",
           "none,memshare:step_threshold=0.3:block_threshold=0.3,random:share_ratio=memshare,"
@@ -228,6 +231,8 @@ def test_replay_gives_every_policy_the_same_tokens_and_scores_against_dense(tmp_
     assert dense["kl"] is None and dense["num_preemptions"] > 0 and dense["num_running_peak"] == 3
     others = [s for s in summaries if s["policy"] != "none"]
     assert all(s["kl"] > 0 and 0 < s["top1"] <= 1 and s["affected_ratio"] > 0 for s in others)
+    matched = [s for s in others if s["matched"]]
+    assert len(matched) == 4 and all(len(s["matched"]["tries"]) == 1 for s in matched)
     report = (tmp_path / "report.md").read_text()
     assert "## replay: mini on smollm2-135m" in report and "| rkv |" in report and "KL 0.05" not in report
     assert (tmp_path / "mini_smollm2-135m_batch_kv.png").stat().st_size > 10_000
@@ -262,10 +267,12 @@ def test_killed_replay_resumes_to_the_uninterrupted_result(tmp_path, trace_file)
     assert len(sessions) == 2 and sum(s["problems"] for s in sessions) == 3
 
 
-def test_replay_runs_every_policy_at_every_kv_dtype_at_equal_bytes(tmp_path, trace_file):
+def test_replay_runs_every_policy_at_every_kv_dtype_at_equal_bytes(tmp_path, trace_file, monkeypatch):
     """Dense at the model's dtype is the KL reference; each dtype's MemShare and its matched baseline run on the
     same tokens in the bytes of 18 float32 blocks; the report gives bytes saved and draws the front."""
     from memshare.entrypoints.cli import main
+
+    monkeypatch.setattr(policies, "MAX_TRIES", 1)
 
     main([*REPLAY, "--traces", str(trace_file), "--out", str(tmp_path), "--kv-cache-dtype", "int8_per_token_head",
           "--policies", "none,memshare:step_threshold=0.3:block_threshold=0.3,streamingllm:kv_budget=memshare"])

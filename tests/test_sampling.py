@@ -2,12 +2,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
 
 from memshare import SamplingParams
-from memshare.engine.model_runner import sampling_batch
+from memshare.engine.model_runner import penalties, sampling_batch
 from memshare.engine.sequence import SequenceStatus
-from memshare.layers.sampler import _candidates, _sample_rows
+from memshare.errors import SamplingParamsError, SamplingParamsTypeError
+from memshare.layers.sampler import Sampler, _candidates, _sample_rows, apply_penalties
 
 PROMPT = "Once upon a time, a little robot"
 
@@ -21,10 +22,25 @@ def sample(llm, params, prompts=(PROMPT,)):
     ({"top_k": -3}, "top_k"), ({"min_p": 2.0}, "min_p"), ({"max_tokens": 0}, "max_tokens"),
     ({"n": 0}, "n"), ({"min_tokens": -1}, "min_tokens"), ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
     ({"logprobs": -1}, "logprobs"), ({"stop": [""]}, "stop"), ({"stop_token_ids": [-2]}, "stop_token_ids"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"), ({"seed": 1 << 64}, "seed"),
 ])
 def test_invalid_sampling_params_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=rf"SamplingParams\.{field} "):
+    with pytest.raises(SamplingParamsError, match=rf"SamplingParams\.{field} "):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"max_tokens": "64"}, "max_tokens must be an int or None, got str '64'"),
+    ({"temperature": "0.7"}, "temperature must be a float, got str"), ({"n": 1.5}, "n must be an int, got float"),
+    ({"top_k": True}, "top_k must be an int, got bool"), ({"stop": 5}, "stop must be a str, a list of str or None"),
+    ({"ignore_eos": "yes"}, "ignore_eos must be a bool"), ({"seed": "1"}, "seed must be an int or None"),
+    ({"stop_token_ids": 7}, "stop_token_ids must be a list of int or None"),
+])
+def test_wrong_types_name_the_field_and_type(kwargs, expected):
+    with pytest.raises(SamplingParamsTypeError, match=rf"SamplingParams\.{expected}") as error:
+        SamplingParams(**kwargs)
+    assert isinstance(error.value, TypeError) and isinstance(error.value, ValueError)
 
 
 def test_seed_reproducible_whatever_runs_beside_it(llm):
@@ -42,6 +58,9 @@ def test_top_k_one_and_min_p_one_equal_greedy(llm):
     assert sample(llm, SamplingParams(temperature=1.0, top_k=1, max_tokens=16))[0].outputs[0].token_ids == greedy
     assert sample(llm, SamplingParams(temperature=1.0, min_p=1.0, max_tokens=16))[0].outputs[0].token_ids == greedy
     assert sample(llm, SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=16))[0].outputs[0].token_ids == greedy
+    # Values that round to 0 in float32 (found by the server's fuzz test) sample greedily instead of failing.
+    assert sample(llm, SamplingParams(temperature=1.0, top_p=5e-324, max_tokens=16))[0].outputs[0].token_ids == greedy
+    assert sample(llm, SamplingParams(temperature=5e-324, max_tokens=16))[0].outputs[0].token_ids == greedy
 
 
 def test_stop_string_truncates_text(llm):
@@ -110,9 +129,81 @@ def test_parallel_samples_share_prompt_blocks(llm):
 def test_chat_applies_template(llm):
     messages = [{"role": "user", "content": "Solve 12*13."}]
     out = llm.chat(messages, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
-    expected = llm.get_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False)
+    tokenizer = llm.get_tokenizer()
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert out.prompt_token_ids == expected
+    prefill = [*messages, {"role": "assistant", "content": "12*13 is"}]
+    out = llm.chat(prefill, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False, add_generation_prompt=False,
+                   continue_final_message=True)[0]
+    assert tokenizer.decode(out.prompt_token_ids).endswith("<|im_start|>assistant\n12*13 is")
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat(prefill, continue_final_message=True)
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}=>{% endif %}{{ x }}"
+    out = llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False, chat_template=template,
+                   chat_template_kwargs={"x": "!"})[0]
+    assert tokenizer.decode(out.prompt_token_ids) == "Solve 12*13.=>!"
+
+
+def penalized_rows(vocab: int) -> list[SimpleNamespace]:
+    gen = torch.Generator().manual_seed(1)
+    settings = [(1.0, 0.0, 0.0), (1.8, 0.0, 0.0), (0.6, 0.0, 0.0), (1.0, 0.7, 0.0), (1.0, 0.0, -1.2), (1.3, -0.5, 0.9)]
+    rows = []
+    for repetition, presence, frequency in settings:
+        prompt = torch.randint(vocab, (12,), generator=gen).tolist()
+        output = torch.randint(vocab // 4, (20,), generator=gen).tolist()  # repeats, some of them in the prompt
+        params = SamplingParams(repetition_penalty=repetition, presence_penalty=presence, frequency_penalty=frequency)
+        rows.append(SimpleNamespace(params=params, token_ids=prompt + output, num_prompt_tokens=len(prompt),
+                                    output_token_ids=output, num_output_tokens=len(output), generator=None))
+    return rows
+
+
+def reference_penalties(logits: torch.Tensor, row: SimpleNamespace) -> torch.Tensor:
+    """vLLM's penalties on one row, token by token."""
+    logits, p = logits.clone(), row.params
+    for token in set(row.token_ids):
+        value = logits[token]
+        logits[token] = value / p.repetition_penalty if value > 0 else value * p.repetition_penalty
+    for token in set(row.output_token_ids):
+        logits[token] -= p.frequency_penalty * row.output_token_ids.count(token) + p.presence_penalty
+    return logits
+
+
+def test_penalties_equal_a_reference_per_row():
+    vocab = 300
+    rows = penalized_rows(vocab)
+    logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(2)) * 3
+    penalized = apply_penalties(logits.clone(), penalties(rows, logits.device))
+    for row, seq in enumerate(rows):
+        torch.testing.assert_close(penalized[row], reference_penalties(logits[row], seq))
+        if seq.params.presence_penalty == seq.params.frequency_penalty == 0:
+            hf = RepetitionPenaltyLogitsProcessor(seq.params.repetition_penalty)
+            torch.testing.assert_close(penalized[row], hf(torch.tensor([seq.token_ids]), logits[row : row + 1])[0])
+    assert torch.equal(penalized[0], logits[0])
+    defaults = [SimpleNamespace(params=SamplingParams(), generator=None, num_output_tokens=0)] * 3
+    assert penalties(defaults, logits.device) is None and sampling_batch(defaults, [], logits.device).penalties is None
+    for seq in rows:
+        seq.params.temperature = 0
+    tokens, _ = Sampler(str)(logits.clone(), sampling_batch(rows, [], logits.device))
+    assert tokens == [int(reference_penalties(logits[i], seq).argmax()) for i, seq in enumerate(rows)]
+
+
+def test_penalties_steer_greedy_output(llm):
+    prompt = "Repeat the word apple ten times:"
+    greedy = {"temperature": 0, "max_tokens": 24}
+    plain, repetition, presence, mixed = llm.generate([prompt] * 4, [
+        SamplingParams(**greedy), SamplingParams(**greedy, repetition_penalty=50),
+        SamplingParams(**greedy, presence_penalty=2, frequency_penalty=2), SamplingParams(**greedy)], use_tqdm=False)
+    prompt_ids = set(llm.get_tokenizer().encode(prompt))
+
+    def repeats(out) -> int:
+        ids = out.outputs[0].token_ids
+        return len(ids) - len(set(ids))
+
+    assert repeats(plain) >= 10  # "Apple (10)\nApple (11)\n..."
+    ids = repetition.outputs[0].token_ids
+    assert repeats(repetition) == 0 and not set(ids) & prompt_ids
+    assert repeats(presence) < repeats(plain) // 2
+    assert mixed.outputs[0].token_ids == plain.outputs[0].token_ids  # each row its own penalties
 
 
 def reference_kept(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> set[int]:

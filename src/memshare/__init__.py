@@ -8,7 +8,10 @@ from memshare.errors import (
     KVCacheTooSmallError,
     MemShareError,
     PromptTooLongError,
+    SamplingParamsError,
+    SamplingParamsTypeError,
     UnknownModelError,
+    UnsupportedOptionError,
     UnsupportedRotaryError,
 )
 from memshare.outputs import CompletionOutput, Logprob, RequestOutput
@@ -20,5 +23,6 @@ __all__ = [
     "MemShareConfig", "RandomShareConfig", "StreamingLLMConfig", "H2OConfig", "RKVConfig", "share_config",
     "register_policy",
     "MemShareError", "UnknownModelError", "ChecksumError", "PromptTooLongError", "KVCacheTooSmallError",
-    "KVCacheDtypeError", "UnsupportedRotaryError",
+    "KVCacheDtypeError", "UnsupportedRotaryError", "UnsupportedOptionError", "SamplingParamsError",
+    "SamplingParamsTypeError",
 ]

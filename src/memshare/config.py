@@ -97,6 +97,8 @@ MODEL_IMPLS = ("auto", "transformers")
 # "auto": on CPU the C++ decode kernel (layers/cpu_kernels.py), on CUDA the Triton kernels (layers/triton_attention.py).
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 LOAD_FORMATS = ("auto", "dummy")
+# vLLM's model dtypes: "half" is float16, "float" float32.
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 # vLLM's names of the KV storage formats; layers/kv_cache.py stores each and explains them.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "int8_per_token_head",
                    "int4_per_token_head", "int4_kivi")
@@ -129,7 +131,9 @@ class EngineConfig:
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "KV storage, one of " + ", ".join(KV_CACHE_DTYPES) + "; replay, eval and bench take a "
         "comma-separated list and run every policy at each, at equal KV bytes"})
-    num_threads: int | None = field(default=None, metadata={"help": "CPU threads (torch's default)", "type": int})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads; default: torch's count, lowered while other processes use this process's cores "
+        "(engine/cpu_threads.py)", "type": int})
     # vLLM's name: "auto" runs memshare's own forward where the architecture has one, "transformers" the HF modules.
     model_impl: str = field(default="auto", metadata={
         "help": "auto: memshare's lean forward for Llama-family models; transformers: the HF modules",
@@ -141,6 +145,12 @@ class EngineConfig:
     # vLLM's name: load no tokenizer; prompts are token ids, outputs carry token ids and empty text.
     skip_tokenizer_init: bool = field(default=False, metadata={
         "help": "load no tokenizer: prompts must be token ids, outputs carry token ids and empty text"})
+    # vLLM's names. Not flags: the commands that sample have their own --seed.
+    seed: int | None = None  # the engine's: requests without their own seed sample reproducibly; None: unseeded
+    tokenizer: str | None = None  # a tokenizer from elsewhere (name, directory or hub id); None: the model's
+    trust_remote_code: bool = False  # run the model repository's own code (transformers' trust_remote_code)
+    revision: str | None = None  # the branch, tag or commit of a hub id
+    download_dir: str | None = None  # the hub cache to download to and read from; None: HF_HUB_CACHE
     attention_backend: str = field(default="auto", metadata={
         "help": "auto: the C++ kernel on CPU, Triton on CUDA; triton on CPU needs TRITON_INTERPRET=1",
         "choices": ATTENTION_BACKENDS})
@@ -162,6 +172,8 @@ class EngineConfig:
             raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, got {self.model_impl!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if not isinstance(self.share, ShareConfig):

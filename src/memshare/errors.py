@@ -27,3 +27,17 @@ class KVCacheDtypeError(MemShareError, ValueError):
 class UnsupportedRotaryError(MemShareError, ValueError):
     """A sharing policy on a model whose rotary embeddings memshare cannot undo on cached keys (interleaved or
     partial rotation, a rope type whose angles are not the position's alone); dense runs of the model are fine."""
+
+
+class UnsupportedOptionError(MemShareError, TypeError, ValueError):
+    """An engine option memshare does not take: a vLLM option it has no counterpart for, a value of one it supports
+    only in part (`tensor_parallel_size=2`), or a typo. The message names the option and what to use instead. A
+    TypeError like any unexpected keyword argument, and a ValueError for a value out of reach."""
+
+
+class SamplingParamsError(MemShareError, ValueError):
+    """A `SamplingParams` field out of its range; the message names the field."""
+
+
+class SamplingParamsTypeError(SamplingParamsError, TypeError):
+    """A `SamplingParams` field of the wrong type; the message names the field and the type it takes."""

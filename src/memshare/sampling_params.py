@@ -1,17 +1,38 @@
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 
+from memshare.errors import SamplingParamsError, SamplingParamsTypeError
+
 # vLLM's per-request logits processor: (output token ids so far, logits of the next token [vocab]) -> logits.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+# (field, accepted types, what the error says it takes); None passes where the type names it. bool is no number here.
+# vLLM's _SAMPLING_EPS: a smaller temperature samples greedily (dividing by it would overflow float32).
+GREEDY_BELOW = 1e-5
+_FIELD_TYPES: tuple[tuple[str, tuple[type, ...], str], ...] = (
+    ("n", (Integral,), "an int"), ("temperature", (Real,), "a float"), ("top_p", (Real,), "a float"),
+    ("top_k", (Integral,), "an int"), ("min_p", (Real,), "a float"), ("repetition_penalty", (Real,), "a float"),
+    ("presence_penalty", (Real,), "a float"), ("frequency_penalty", (Real,), "a float"),
+    ("seed", (Integral, type(None)), "an int or None"),
+    ("stop", (str, list, tuple, type(None)), "a str, a list of str or None"),
+    ("stop_token_ids", (list, tuple, type(None)), "a list of int or None"),
+    ("include_stop_str_in_output", (bool,), "a bool"), ("max_tokens", (Integral, type(None)), "an int or None"),
+    ("min_tokens", (Integral,), "an int"), ("ignore_eos", (bool,), "a bool"),
+    ("logprobs", (Integral, type(None)), "an int or None"), ("skip_special_tokens", (bool,), "a bool"),
+    ("logits_processors", (list, tuple), "a list of callables"),
+    ("forced_token_ids", (list, tuple, type(None)), "a list of int or None"),
+)
 
 
 @dataclass(slots=True)
 class SamplingParams:
     """How to sample one request, with vLLM's names and defaults.
 
-    `temperature=0` is greedy. `top_k=0` (or -1), `top_p=1` and `min_p=0` disable those filters.
+    `temperature=0` (below 1e-5, as in vLLM) is greedy. `top_k=0` (or -1), `top_p=1` and `min_p=0` disable those
+    filters.
     `seed` makes a request's samples reproducible whatever else runs beside it.
     `logprobs=k` returns, per generated token, the sampled token's and the top-k log-probabilities.
     `logits_processors` see (and may change) each request's next-token logits before sampling.
@@ -42,6 +63,11 @@ class SamplingParams:
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
+        for name, types, expected in _FIELD_TYPES:
+            value = getattr(self, name)
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise SamplingParamsTypeError(
+                    f"SamplingParams.{name} must be {expected}, got {type(value).__name__} {value!r}")
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
@@ -55,6 +81,7 @@ class SamplingParams:
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("seed", self.seed is None or -(1 << 63) <= self.seed < 1 << 63, "must fit in 64 bits"),
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be >= 1 or None"),
             ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
             ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
@@ -70,8 +97,8 @@ class SamplingParams:
         ]
         for name, ok, message in checks:
             if not ok:
-                raise ValueError(f"SamplingParams.{name} {message}, got {getattr(self, name)!r}")
+                raise SamplingParamsError(f"SamplingParams.{name} {message}, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW

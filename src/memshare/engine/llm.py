@@ -1,12 +1,13 @@
 import itertools
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from memshare.config import EngineConfig
 from memshare.engine.llm_engine import LLMEngine
+from memshare.engine.vllm_options import engine_config
 from memshare.outputs import RequestOutput
 from memshare.sampling_params import SamplingParams
 
@@ -20,22 +21,25 @@ if not logger.handlers:
 
 Prompt = str | list[int] | dict[str, Any]
 
-
 class LLM:
     """Offline inference with a paged KV cache, in the shape of `vllm.LLM`.
 
     >>> llm = LLM(model="smollm2-135m", kv_cache_memory="1GiB")
     >>> outs = llm.generate(["Solve 12*13."], SamplingParams(temperature=0, max_tokens=64))
 
-    `model` is a registered short name, a Hugging Face model directory, or a .gguf file; a config-only name
+    `model` is a registered short name, a Hugging Face model directory, a .gguf file, or a Hugging Face Hub id
+    (downloaded through huggingface_hub's cache; HF_HUB_OFFLINE=1 reads the cache only); a config-only name
     (`tiny-qwen2`, `r1-distill-qwen-7b`, ...) runs with `load_format="dummy", skip_tokenizer_init=True`. Other keyword
-    arguments are `EngineConfig` fields (kv_cache_memory, num_kv_blocks, kv_cache_dtype, block_size, max_num_seqs, ...);
+    arguments are `EngineConfig` fields (kv_cache_memory, num_kv_blocks, kv_cache_dtype, block_size, max_num_seqs,
+    seed, tokenizer, ...) or vLLM's names of them; a vLLM option memshare lacks raises UnsupportedOptionError saying
+    what to use instead. `chat_template` is `chat`'s default template (a Jinja string or a file).
     `share=MemShareConfig(step_threshold=0.9, block_threshold=0.8)` turns on MemShare; any registered
     policy's config (`share_config("h2o", kv_budget=0.5)`) selects that policy.
     """
 
-    def __init__(self, model: str = "smollm2-135m", **kwargs: Any) -> None:
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+    def __init__(self, model: str = "smollm2-135m", chat_template: str | Path | None = None, **kwargs: Any) -> None:
+        self.llm_engine = LLMEngine(engine_config(model, **kwargs))
+        self.chat_template = _template(chat_template)
         self._request_ids = itertools.count()
 
     def get_tokenizer(self):
@@ -79,17 +83,28 @@ class LLM:
             engine.add_request(request_id, prompt if isinstance(prompt, str) else token_ids, p, token_ids)
         return self._run(ids, use_tqdm)
 
-    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             chat_template: str | Path | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply a chat template (`chat_template`, else the LLM's, else the model's) to one conversation or a list of
+        them, then generate, as vLLM's `LLM.chat`: `add_generation_prompt` opens the assistant's turn,
+        `continue_final_message` continues the last message instead (not both); `tools` and `chat_template_kwargs`
+        reach the template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.llm_engine.tokenizer
         if tokenizer is None:
             raise ValueError("chat applies the tokenizer's chat template; skip_tokenizer_init=True loads no tokenizer: "
                              "use generate with token ids")
-        prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True,
-                                                 **(chat_template_kwargs or {})) for c in conversations]
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("chat: continue_final_message=True continues the last message; pass "
+                             "add_generation_prompt=False with it")
+        template_kwargs = {"add_generation_prompt": add_generation_prompt,
+                           "continue_final_message": continue_final_message, **(chat_template_kwargs or {})}
+        template = _template(chat_template) or self.chat_template
+        prompts = [tokenizer.apply_chat_template(c, tokenize=False, chat_template=template, tools=tools,
+                                                 **template_kwargs) for c in conversations]
         token_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate([{"prompt_token_ids": t} for t in token_ids], sampling_params, use_tqdm)
 
@@ -117,3 +132,10 @@ class LLM:
                 if request_id not in results:
                     engine.abort_request(request_id)
         return [results[r] for r in request_ids]
+
+
+def _template(template: str | Path | None) -> str | None:
+    """A chat template given as Jinja text or as a file's path, told apart as vLLM does (by Jinja's characters)."""
+    if template is None or any(c in str(template) for c in "{}\n"):
+        return None if template is None else str(template)
+    return Path(template).read_text()

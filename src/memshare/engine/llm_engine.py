@@ -55,6 +55,8 @@ class EngineStats:
     generation_tokens: int = 0
     num_steps: int = 0
     engine_time_s: float = 0.0
+    engine_cpu_time_s: float = 0.0  # this process's CPU time during steps: far below wall x threads means a busy CPU
+    thread_steps: int = 0  # sum over steps of the CPU threads in force
     peak_used_blocks: int = 0
     finished_requests: int = 0
     sharing_time_s: float = 0.0
@@ -127,6 +129,8 @@ class LLMEngine:
         vocab = self.model_runner.model.config.get_text_config().vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop token ids must be in [0, {vocab})")
         forced = params.forced_token_ids
         if forced is not None and any(t >= vocab for t in forced):
             raise ValueError(f"forced token ids must be in [0, {vocab})")
@@ -185,7 +189,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One engine iteration; returns the requests that finished in it."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -211,6 +215,8 @@ class LLMEngine:
         self.stats.generation_tokens += len(sampled)
         self.stats.num_steps += 1
         self.stats.engine_time_s += time.perf_counter() - start
+        self.stats.engine_cpu_time_s += time.process_time() - cpu_start
+        self.stats.thread_steps += torch.get_num_threads()
         self._maybe_log()
         return finished
 
@@ -327,6 +333,8 @@ class LLMEngine:
             "finished_requests": self.stats.finished_requests,
             "num_steps": self.stats.num_steps,
             "engine_time_s": elapsed,
+            "engine_cpu_time_s": self.stats.engine_cpu_time_s,
+            "num_threads_mean": self.stats.thread_steps / self.stats.num_steps if self.stats.num_steps else 0.0,
             "generation_tokens_per_s": self.stats.generation_tokens / elapsed if elapsed else 0.0,
             **self._sharing_stats(),
         }

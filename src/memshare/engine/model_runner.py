@@ -4,6 +4,7 @@ from itertools import accumulate
 import torch
 
 from memshare.config import EngineConfig, parse_memory
+from memshare.engine.cpu_threads import ThreadGovernor
 from memshare.engine.cuda_graphs import DecodeGraphs
 from memshare.engine.sequence import Sequence
 from memshare.errors import KVCacheTooSmallError
@@ -18,7 +19,7 @@ from memshare.layers.attention import (
 from memshare.layers.cpu_kernels import cpu_ops
 from memshare.layers.kv_cache import KVCache, TailPool, block_bytes, kv_format
 from memshare.layers.linear import prepack_linear_layers
-from memshare.layers.sampler import Sampler, SamplingBatch
+from memshare.layers.sampler import Penalties, Sampler, SamplingBatch
 from memshare.models.loader import kv_geometry, load_model
 from memshare.models.registry import key_unrotation, lean_model
 
@@ -35,10 +36,11 @@ def kv_block_bytes(config: EngineConfig) -> int:
 def sampling_batch(seqs: list[Sequence], eos_token_ids: list[int], device: torch.device) -> SamplingBatch:
     """What the sampler needs of `seqs`, one row each: their sampling parameters as tensors on `device`, the token
     teacher forcing produces, the stop tokens banned before `min_tokens` (`eos_token_ids` too unless `ignore_eos`),
-    seeded generators, logprobs and logits-processor calls (each with its own copy of the output token ids)."""
+    seeded generators, logprobs, logits-processor calls (each with its own copy of the output token ids), and the
+    penalties with the token ids they count where any row uses one."""
     params = [s.params for s in seqs]
     # One host-to-device copy per dtype; float32 values round from float64 exactly as from Python floats.
-    floats = torch.tensor([[p.temperature or 1.0, p.top_p, p.min_p] for p in params], dtype=torch.float64,
+    floats = torch.tensor([[1.0 if p.greedy else p.temperature, p.top_p, p.min_p] for p in params], dtype=torch.float64,
                           device=device)
     ints = torch.tensor([[p.top_k, p.forced_token_ids[s.num_output_tokens] if p.forced_token_ids else -1, p.greedy]
                          for s, p in zip(seqs, params)], dtype=torch.long, device=device)
@@ -48,7 +50,27 @@ def sampling_batch(seqs: list[Sequence], eos_token_ids: list[int], device: torch
         logprobs=[p.logprobs for p in params],
         banned_token_ids=[p.stop_token_ids + ([] if p.ignore_eos else eos_token_ids)
                           if s.num_output_tokens < p.min_tokens else [] for s, p in zip(seqs, params)],
-        logits_processors=[[(f, s.output_token_ids) for f in p.logits_processors] for s, p in zip(seqs, params)])
+        logits_processors=[[(f, s.output_token_ids) for f in p.logits_processors] for s, p in zip(seqs, params)],
+        penalties=penalties(seqs, device))
+
+
+def penalties(seqs: list[Sequence], device: torch.device) -> Penalties | None:
+    """The penalties of `seqs`, None when none uses one; a row counts its prompt only for a repetition penalty."""
+    params = [s.params for s in seqs]
+    used = [p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params]
+    if not any(used):
+        return None
+    prompts = [s.token_ids[: s.num_prompt_tokens] if p.repetition_penalty != 1 else [] for s, p in zip(seqs, params)]
+    outputs = [s.output_token_ids if u else [] for s, u in zip(seqs, used)]
+    values = torch.tensor([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params],
+                          dtype=torch.float32, device=device)
+    return Penalties(values[:, 0], values[:, 1], values[:, 2], _padded(prompts, device), _padded(outputs, device))
+
+
+def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(map(len, rows))
+    padded = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    return padded.view(len(rows), width)  # [B, 0] when no row counts any token
 
 
 class ModelRunner:
@@ -62,6 +84,9 @@ class ModelRunner:
         kv = kv_geometry(config)
         self.kv_format = kv_format(config.kv_cache_dtype, kv.dtype, kv.head_dim)  # refused before any allocation
         self.model, self.tokenizer, self.device = load_model(config)
+        # Unless fixed, CPU threads follow the load other processes put on this process's cores.
+        self.thread_governor = (ThreadGovernor(torch.get_num_threads())
+                                if self.device.type == "cpu" and not config.num_threads else None)
         # Cached keys with RoPE undone (policies get it through ModelAccess); a sharing policy on a model whose
         # rotation memshare cannot undo is refused here, a dense run only if something calls it.
         self.unrotate_keys = key_unrotation(self.model, strict=config.share.policy != "none")
@@ -92,7 +117,9 @@ class ModelRunner:
         self.decode_queries: torch.Tensor | None = None  # [decodes, layers, heads, head_dim] of the last step
         # Logprobs carry no decoded text without a tokenizer, as in vLLM.
         decode = (lambda t: None) if self.tokenizer is None else (lambda t: self.tokenizer.decode([t]))
-        self.sampler = Sampler(decode)
+        # vLLM's engine seed: requests without their own seed sample reproducibly from one engine generator.
+        generator = None if config.seed is None else torch.Generator(self.device).manual_seed(config.seed)
+        self.sampler = Sampler(decode, generator)
         self.graphs = self.decode_graphs() if self._graphs_apply(config) else None
 
     def _graphs_apply(self, config: EngineConfig) -> bool:
@@ -205,6 +232,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> tuple[list[Sequence], list[int], list]:
         """Run one step; returns the sequences that reached their last token with their sampled tokens."""
+        if self.thread_governor is not None:
+            self.thread_governor.update()
         input_ids, positions, meta = self.prepare(batch)
         last_rows, sampled = [], []
         row = 0

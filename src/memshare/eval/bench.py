@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from memshare.config import ShareConfig
 from memshare.engine.llm import LLM
 from memshare.eval.compare import plot_kv_blocks
 from memshare.eval.datasets import Problem, chat_prompt
+from memshare.eval.plots import new_figure, save_figure
 from memshare.eval.policies import PolicySpec, engine_for, run_matched
 from memshare.outputs import RequestOutput
 from memshare.sampling_params import SamplingParams
@@ -76,11 +78,13 @@ def run_bench(model: str, specs: list[PolicySpec], problems: list[Problem], para
               use_tqdm: bool = True, **engine_kwargs: Any) -> list[BenchResult]:
     """One fresh engine per policy, in order; each is freed before the next loads."""
     def run(spec: PolicySpec, share: ShareConfig) -> BenchResult:
-        print(f"== {spec.label}: {len(problems)} requests, {model}", flush=True)
-        return run_policy(spec.label, model, share, problems, params, seed, use_tqdm,
+        # A matched spec's label names the knob value its search tried.
+        label = spec.label + "".join(f" at {k}={getattr(share, k)}" for k in spec.match)
+        print(f"== {label}: {len(problems)} requests, {model}", flush=True)
+        return run_policy(label, model, share, problems, params, seed, use_tqdm,
                           **engine_for(model, spec, engine_kwargs))
 
-    return run_matched(specs, run, lambda result: result.affected_ratio)
+    return run_matched(specs, run, lambda result: result.memory_saved_mean, lambda result: result.affected_ratio)
 
 
 def _ratio(value: float, base: float) -> str:
@@ -109,19 +113,17 @@ def markdown_table(results: list[BenchResult]) -> str:
     return "\n".join(rows)
 
 
+def bench_figure(results: list[BenchResult], title: str) -> Figure:
+    """Physical KV blocks in use over engine time, per policy."""
+    fig, ax = new_figure(size=(8, 4.5))
+    plot_kv_blocks(ax, results, title)
+    return fig
+
+
 def save(results: list[BenchResult], out_dir: Path, title: str) -> tuple[Path, Path]:
-    """Write bench.json and bench_kv_blocks.png (physical KV blocks in use over engine time, per policy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Write bench.json and bench_kv_blocks.png (`bench_figure`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / "bench.json", out_dir / "bench_kv_blocks.png"
     json_path.write_text(json.dumps([asdict(r) for r in results], indent=1))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    plot_kv_blocks(ax, [(r.label, r.kv_history) for r in results], results[0].stats["num_kv_blocks"], title)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    save_figure(bench_figure(results, title), png_path)
     return json_path, png_path

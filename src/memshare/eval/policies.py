@@ -2,13 +2,17 @@
 
 Each comma-separated item is a registered policy name with optional `:field=value` overrides of its config's
 fields. The value `memshare` for a field the policy registered as matchable (random's `share_ratio`, the evictions'
-`kv_budget`) means "match the MemShare run listed before this one": the random policy then shares at its affected
-ratio, an eviction policy keeps the fraction 1 - affected ratio.
+`kv_budget`) means "match the memory the MemShare run listed before this one saved": the baseline is run, its
+memory saved measured (engine/stats.py's mean over steps), and run again at a corrected knob until it lands within
+SEARCH_TOLERANCE of MemShare's (`search_match`). The knob is set through the policy's match rule from a level, an
+affected ratio (random shares that fraction, an eviction keeps 1 - level): memory saved grows with the level.
 """
 
 import gc
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any, TypeVar
 
 from memshare.config import (
@@ -155,32 +159,108 @@ def expand_sweep(specs: list[PolicySpec], sweep: dict[str, list[str]]) -> list[P
 
 R = TypeVar("R")
 
+MATCH_TOLERANCE = 0.02  # a baseline further than this from MemShare's memory saved is reported as not matched
+SEARCH_TOLERANCE = 0.01  # the search stops this close, well inside MATCH_TOLERANCE
+MAX_TRIES = 6  # runs of one matched baseline, the first (at MemShare's affected ratio) included
 
-def matched(spec: PolicySpec, memshare_affected_ratio: float) -> ShareConfig:
-    """The spec's ShareConfig with its `memshare`-matched fields filled from a MemShare run's affected ratio."""
+
+@dataclass(slots=True)
+class Try:
+    """One run of a matched baseline: its level (see the module docstring) and the memory it saved."""
+
+    level: float
+    memory_saved: float
+
+
+def matched(spec: PolicySpec, level: float) -> ShareConfig:
+    """The spec's ShareConfig with its `memshare`-matched fields set from `level` by the policy's match rules."""
     rules = dict(registration(spec.share.policy).match)
-    return replace(spec.share, **{name: rules[name](memshare_affected_ratio) for name in spec.match})
+    return replace(spec.share, **{name: round(rules[name](level), 6) for name in spec.match})
 
 
-def share_for(spec: PolicySpec, memshare_ratio: float | None) -> ShareConfig:
-    """The spec's ShareConfig, `=memshare` fields matched to the affected ratio of the last MemShare run."""
+def share_for(spec: PolicySpec, level: float | None) -> ShareConfig:
+    """The spec's ShareConfig, `=memshare` fields set from `level` (None: no MemShare run before it)."""
     if not spec.match:
         return spec.share
-    if memshare_ratio is None:
+    if level is None:
         raise ValueError(f"{spec.label}: '=memshare' needs a memshare policy listed before it")
-    return matched(spec, memshare_ratio)
+    return matched(spec, level)
+
+
+def knob_text(spec: PolicySpec, level: float) -> str:
+    share = matched(spec, level)
+    return ", ".join(f"{name}={getattr(share, name):g}" for name in spec.match)
+
+
+def next_level(target: float, tries: list[Try]) -> float | None:
+    """The level to run next to reach `target` memory saved: a secant step inside the bracket the tries give (kept
+    a quarter away from its ends, so steps in memory saved cannot stall it), from the origin while every try saved
+    too little; None once a try is within SEARCH_TOLERANCE, MAX_TRIES ran, or no untried level lies between."""
+    if len(tries) >= MAX_TRIES or any(abs(t.memory_saved - target) <= SEARCH_TOLERANCE for t in tries):
+        return None
+    below = max((t for t in tries if t.memory_saved < target), key=lambda t: t.level, default=Try(0.0, 0.0))
+    above = min((t for t in tries if t.memory_saved > target), key=lambda t: t.level, default=None)
+    if above is None:
+        grow = target / below.memory_saved if below.memory_saved > 0 else 2.0
+        level = min(1.0, max(below.level * grow, below.level + 0.05))
+    elif above.level <= below.level:
+        return None  # memory saved fell as the level rose (noise): the closest try stands
+    else:
+        share = min(max((target - below.memory_saved) / (above.memory_saved - below.memory_saved), 0.25), 0.75)
+        level = below.level + share * (above.level - below.level)
+    level = round(level, 4)  # a coarse grid, so a try's knob value names its run
+    return None if any(math.isclose(level, t.level) for t in tries) else level
+
+
+def closest(target: float, tries: list[Try]) -> Try:
+    return min(tries, key=lambda t: abs(t.memory_saved - target))
+
+
+def match_gap(spec: PolicySpec, target: float, tries: list[Try]) -> str | None:
+    """Why the closest try is more than MATCH_TOLERANCE from `target`; None when it is within."""
+    best = closest(target, tries)
+    if abs(best.memory_saved - target) <= MATCH_TOLERANCE:
+        return None
+    top = max(tries, key=lambda t: t.level)
+    if best.memory_saved < target and top.level >= 1:
+        return f"even {knob_text(spec, top.level)} saves only {top.memory_saved:.1%}"
+    below = [t for t in tries if t.memory_saved < target]
+    above = [t for t in tries if t.memory_saved > target]
+    if below and above:
+        low, high = max(below, key=lambda t: t.level), min(above, key=lambda t: t.level)
+        return (f"{knob_text(spec, low.level)} saves {low.memory_saved:.1%}, {knob_text(spec, high.level)} "
+                f"{high.memory_saved:.1%}: the knob steps over the target")
+    return f"{len(tries)} runs came no closer"
+
+
+def search_match(spec: PolicySpec, target: float, start: float | None, run: Callable[[ShareConfig], R],
+                 memory_saved: Callable[[R], float]) -> tuple[R, list[Try]]:
+    """Run a matched spec from level `start` (MemShare's affected ratio; None raises) at the levels `next_level`
+    gives until its measured memory saved is close to `target`; returns the closest run's result and every try."""
+    results: dict[float, R] = {}
+    tries: list[Try] = []
+    level: float | None = round(start, 4) if start is not None else None
+    while True:
+        results[level] = run(share_for(spec, level))
+        gc.collect()  # an engine holds reference cycles (policy callbacks): free its KV before the next allocates
+        tries.append(Try(level, memory_saved(results[level])))
+        level = next_level(target, tries)
+        if level is None:
+            return results[closest(target, tries).level], tries
 
 
 def run_matched(specs: list[PolicySpec], run: Callable[[PolicySpec, ShareConfig], R],
-                affected_ratio: Callable[[R], float]) -> list[R]:
-    """`run` each spec in order, `=memshare` fields matched to the last MemShare result before it."""
+                memory_saved: Callable[[R], float], affected_ratio: Callable[[R], float]) -> list[R]:
+    """`run` each spec in order; a `=memshare` spec is searched (`search_match`) until it saves the memory the last
+    MemShare run before it saved."""
     results: list[R] = []
-    memshare_ratio = None
+    target, start = 0.0, None
     for spec in specs:
-        share = share_for(spec, memshare_ratio)
-        results.append(run(spec, share))
-        # An engine holds reference cycles (policy callbacks): collect it before the next one allocates its KV.
-        gc.collect()
-        if share.policy == "memshare":
-            memshare_ratio = affected_ratio(results[-1])
+        if spec.match:
+            results.append(search_match(spec, target, start, partial(run, spec), memory_saved)[0])
+        else:
+            results.append(run(spec, spec.share))
+            gc.collect()
+        if spec.share.policy == "memshare":
+            target, start = memory_saved(results[-1]), affected_ratio(results[-1])
     return results

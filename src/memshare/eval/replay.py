@@ -28,13 +28,16 @@ from memshare.errors import MemShareError
 from memshare.eval.fidelity import Trace, model_tokenizer
 from memshare.eval.harness import (
     RESULT_ENGINE_KEYS,
+    Record,
     Run,
+    Work,
     aggregate,
     check_config,
     drive,
     plan_runs,
     result_engine,
     resume,
+    run_to_match,
     session_stats,
     write_atomic,
 )
@@ -44,7 +47,6 @@ from memshare.eval.policies import (
     expand_kv_dtypes,
     expand_sweep,
     parse_policies,
-    share_for,
 )
 from memshare.eval.report import safe_name
 from memshare.outputs import RequestOutput
@@ -65,34 +67,52 @@ class TraceRow:
     response: str
 
 
+def _shapes(prompt_field: str | None, response_field: str) -> str:
+    prompt = f'"{prompt_field}"' if prompt_field else '"prompt"/"question"'
+    messages = f'"{prompt_field}"' if prompt_field else '"messages"'
+    return (f'accepted lines: {{{prompt}: "...", "{response_field}": "..."}}, '
+            f'{{{messages}: [{{"role": "user", "content": "..."}}, ...], "{response_field}": "..."}}, '
+            f'{{{messages}: [..., {{"role": "assistant", "content": "<response>"}}]}}')
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
 def _row(path: Path, line_no: int, line: str, prompt_field: str | None, response_field: str) -> TraceRow:
-    where = f"{path}:{line_no}"
+    def error(reason: str) -> TraceFileError:
+        return TraceFileError(f"{path}:{line_no}: {reason}; {_shapes(prompt_field, response_field)}")
+
     try:
         row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise TraceFileError(f"{where}: not JSON ({error.msg})") from error
+    except json.JSONDecodeError as failure:
+        raise error(f"not JSON ({failure.msg})") from failure
     if not isinstance(row, dict):
-        raise TraceFileError(f"{where}: a trace must be a JSON object")
+        raise error("a trace must be a JSON object")
     names = [prompt_field] if prompt_field else [f for f in PROMPT_FIELDS if f in row]
     if not names or names[0] not in row:
-        raise TraceFileError(f"{where}: no prompt field ({prompt_field or ' / '.join(PROMPT_FIELDS)})")
-    prompt = row[names[0]]
-    is_messages = isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
-    if not (isinstance(prompt, str) and prompt.strip()) and not is_messages:
-        raise TraceFileError(f"{where}: {names[0]!r} must be non-empty text or a list of {{role, content}} messages")
-    response = row.get(response_field)
+        raise error(f"no prompt field ({prompt_field or ' / '.join(PROMPT_FIELDS)})")
+    prompt, response, source = row[names[0]], row.get(response_field), f"response {response_field!r}"
+    # a logged chat ends with the assistant's reply: that reply is the response, the turns before it the prompt
+    if response is None and _is_messages(prompt) and prompt[-1]["role"] == "assistant":
+        prompt, response, source = prompt[:-1], prompt[-1]["content"], "the final assistant message"
+        if not prompt:
+            raise error(f"{names[0]!r} holds only the assistant's reply, no prompt turns before it")
+    if not (isinstance(prompt, str) and prompt.strip()) and not _is_messages(prompt):
+        raise error(f"{names[0]!r} must be non-empty text or a list of {{role, content}} messages")
     if response is None:
-        raise TraceFileError(f"{where}: no response field {response_field!r}")
+        raise error(f"no response field {response_field!r}")
     if not isinstance(response, str) or not response.strip():
-        raise TraceFileError(f"{where}: response {response_field!r} is empty or not text")
+        raise error(f"{source} is empty or not text")
     return TraceRow(str(row.get("id", line_no)), prompt, response)
 
 
 def read_trace_file(path: str | Path, prompt_field: str | None = None, response_field: str = "response",
                     limit: int | None = None) -> list[TraceRow]:
     """Rows of a JSONL trace file: the prompt (`prompt_field`, else the first of `prompt`, `question`, `messages`;
-    text or OpenAI messages) and the response to force; raises TraceFileError naming the bad line."""
+    text or OpenAI messages) and the response to force (`response_field`, else the final assistant message of a
+    chat log); raises TraceFileError naming the bad line and the accepted shapes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trace file {path} does not exist")
@@ -182,7 +202,7 @@ class ReplayConfig:
 
 
 def run_config(config: ReplayConfig, run: Run, share: ShareConfig, traces: list[Trace],
-               memshare_ratio: float | None) -> dict[str, Any]:
+               match: dict[str, Any] | None) -> dict[str, Any]:
     digest = hashlib.sha256(json.dumps([[t.trace_id, t.prompt_token_ids, t.token_ids] for t in traces]).encode())
     result = {
         "kind": "replay", "run": run.name, "model": config.model,
@@ -194,9 +214,8 @@ def run_config(config: ReplayConfig, run: Run, share: ShareConfig, traces: list[
         "engine": result_engine(engine_for(config.model, run.spec, config.engine),
                                 (*RESULT_ENGINE_KEYS, "max_num_seqs", "max_num_batched_tokens")),
     }
-    if run.memshare is not None:
-        result["matched"] = {"memshare_run": run.memshare.name, "memshare_affected_ratio": memshare_ratio,
-                             **{k: getattr(share, k) for k in run.spec.match}}
+    if match is not None:
+        result["matched"] = match
     return json.loads(json.dumps(result))
 
 
@@ -260,7 +279,7 @@ def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]
                "num_running_mean": sum(s["num_running_mean"] * s["num_steps"] for s in sessions) / steps if steps
                else 0.0,
                "kv_blocks_mean": sum(s["sum_used_blocks"] for s in sessions) / steps if steps else 0.0,
-               "sessions": sessions}
+               "matched": config.get("matched"), "sessions": sessions}
     write_atomic(run.sibling(".summary.json"), json.dumps(summary, indent=1))
     return summary
 
@@ -296,14 +315,14 @@ def replay(config: ReplayConfig, run: Run, share: ShareConfig, todo: list[Trace]
 
 
 def run_one(config: ReplayConfig, run: Run, share: ShareConfig, traces: list[Trace], reference: Path, dense: bool,
-            memshare_ratio: float | None) -> dict[str, Any]:
-    run_cfg = run_config(config, run, share, traces, memshare_ratio)
+            match: Record | None = None, work: Work | None = None) -> dict[str, Any]:
+    run_cfg = run_config(config, run, share, traces, match)
 
-    def work(done: set[str], records: list[dict[str, Any]], sessions: list[dict[str, Any]]) -> None:
+    def replay_todo(done: set[str], records: list[dict[str, Any]], sessions: list[dict[str, Any]]) -> None:
         replay(config, run, share, [t for t in traces if t.trace_id not in done], reference, dense, records,
                sessions, run_cfg)
 
-    return resume(run, run_cfg, "trace_id", {t.trace_id: i for i, t in enumerate(traces)}, work,
+    return resume(run, run_cfg, "trace_id", {t.trace_id: i for i, t in enumerate(traces)}, work or replay_todo,
                   lambda records, sessions: write_summary(run, run_cfg, records, sessions))
 
 
@@ -316,7 +335,8 @@ def run_replay(config: ReplayConfig) -> list[dict[str, Any]]:
     """Run dense, then every other policy spec, each in its own engine; returns the runs' summaries.
 
     Rerunning the same configuration resumes. Raises ConfigMismatchError before replaying anything where a run's
-    saved configuration differs (matched runs: once their MemShare run is known).
+    saved configuration differs (matched runs: once their MemShare run is known). A `=memshare` run is searched
+    until it saves MemShare's memory (`run_to_match`).
     """
     traces = load_traces(config)
     specs = expand_kv_dtypes(expand_sweep(parse_policies(config.policies, config.defaults), config.sweep),
@@ -328,10 +348,11 @@ def run_replay(config: ReplayConfig) -> list[dict[str, Any]]:
     for run in runs:
         if run.memshare is None:
             check_config(run, run_config(config, run, run.spec.share, traces, None))
-    summaries: list[dict[str, Any]] = []
-    ratios: dict[str, float] = {}
+    summaries: dict[str, dict[str, Any]] = {}
     for run in runs:
-        ratio = ratios[run.memshare.name] if run.memshare else None
-        summaries.append(run_one(config, run, share_for(run.spec, ratio), traces, reference, run is runs[0], ratio))
-        ratios[run.name] = summaries[-1]["affected_ratio"]
-    return summaries
+        if run.memshare is None:
+            summaries[run.name] = run_one(config, run, run.spec.share, traces, reference, run is runs[0])
+        else:
+            summaries[run.name] = run_to_match(run, summaries[run.memshare.name], lambda r, share, match, work:
+                                               run_one(config, r, share, traces, reference, False, match, work))
+    return list(summaries.values())

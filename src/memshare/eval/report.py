@@ -4,10 +4,25 @@ import json
 import math
 import re
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from memshare.config import policy_names, registration
+from memshare.eval.plots import (
+    PERCENT_SPAN,
+    capacity_lines,
+    count_axis,
+    kl_axis,
+    min_span,
+    new_figure,
+    percent_axis,
+    save_figure,
+    series_styles,
+)
+from memshare.eval.policies import MATCH_TOLERANCE
 
 COLUMNS = ("policy", "parameters", "pass@1 ± CI", "Δ vs dense (paired)", "matched MemShare − this (paired)",
            "N problems", "memory saved (mean / peak)",
@@ -85,7 +100,7 @@ def load_runs(directory: Path) -> list[dict[str, Any]]:
     for config_path in sorted(Path(directory).rglob("*.config.json")):
         stem = config_path.name.removesuffix(".config.json")
         config = json.loads(config_path.read_text())
-        if config.get("kind") == "replay":
+        if config.get("kind") == "replay" or is_try(config):
             continue
         summary_path = config_path.with_name(f"{stem}.summary.json")
         records = read_records(config_path.with_name(f"{stem}.jsonl"))[0]
@@ -93,6 +108,32 @@ def load_runs(directory: Path) -> list[dict[str, Any]]:
                      "dataset": config["dataset"]["name"], "score": score(records), "passes": problem_passes(records),
                      "summary": json.loads(summary_path.read_text()) if summary_path.exists() else {}})
     return runs
+
+
+def is_try(config: dict[str, Any]) -> bool:
+    """A config of one try of a matched run's search (harness `run_to_match`): not a run of its own."""
+    return "trial_of" in (config.get("matched") or {})
+
+
+def match_figures(run: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> tuple[float, float] | None:
+    """A matched run's measured memory saved and that of its MemShare run (None for an unmatched run or one not
+    measured yet)."""
+    matched = run["config"].get("matched")
+    if not matched or not run["summary"]:
+        return None
+    source = by_name.get(matched["memshare_run"], {}).get("summary") or {}
+    target = source.get("memory_saved_mean", matched.get("memshare_memory_saved"))
+    return None if target is None else (run["summary"]["memory_saved_mean"], target)
+
+
+def not_matched_text(run: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> str | None:
+    """`NOT matched: 0.0% vs 1.9% memory saved; why` where a matched run's measured memory saved is more than
+    MATCH_TOLERANCE from its MemShare run's; None otherwise."""
+    figures = match_figures(run, by_name)
+    if figures is None or abs(figures[0] - figures[1]) <= MATCH_TOLERANCE:
+        return None
+    why = run["config"]["matched"].get("not_matched")
+    return f"NOT matched: {figures[0]:.1%} vs {figures[1]:.1%} memory saved" + (f"; {why}" if why else "")
 
 
 def _value(value: Any) -> str:
@@ -103,10 +144,16 @@ def _knobs_text(knobs: dict[str, Any]) -> str:
     return ", ".join(f"{k}={_value(v)}" for k, v in knobs.items())
 
 
-def _parameters_text(run: dict[str, Any]) -> str:
+def _parameters_text(run: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> str:
     text = _knobs_text(parameters(run["config"]["share"]))
     matched = run["config"].get("matched")
-    return (text + f" (matched to {matched['memshare_run']})" if matched else text) or "–"
+    if not matched:
+        return text or "–"
+    figures, off = match_figures(run, by_name), not_matched_text(run, by_name)
+    if off:
+        return f"{text} (vs {matched['memshare_run']}: {off})"
+    measured = f": {figures[0]:.1%} vs {figures[1]:.1%} memory saved" if figures else ", not measured yet"
+    return f"{text} (matched to {matched['memshare_run']}{measured})"
 
 
 def _delta_text(run: dict[str, Any] | None, reference: dict[str, Any] | None) -> str:
@@ -119,7 +166,8 @@ def _delta_text(run: dict[str, Any] | None, reference: dict[str, Any] | None) ->
 def _versus_matched_text(run: dict[str, Any], by_name: dict[str, dict[str, Any]]) -> str:
     matched = run["config"].get("matched")
     # Positive when MemShare solves more of the problems both ran than the policy matched to it.
-    return _delta_text(by_name.get(matched["memshare_run"]) if matched else None, run)
+    delta = _delta_text(by_name.get(matched["memshare_run"]) if matched else None, run)
+    return delta + " (not at matched memory)" if not_matched_text(run, by_name) and delta != "–" else delta
 
 
 def _row(run: dict[str, Any], dense: dict[str, Any] | None, by_name: dict[str, dict[str, Any]]) -> str:
@@ -130,7 +178,7 @@ def _row(run: dict[str, Any], dense: dict[str, Any] | None, by_name: dict[str, d
     if summary:
         engine = [f"{summary['memory_saved_mean']:.1%} / {summary['memory_saved_peak']:.1%}",
                   f"{summary['generation_tokens_per_s']:.1f}", str(summary["num_preemptions"])]
-    cells = [run["policy"], _parameters_text(run), f"{s['pass@1']:.1%} ± {s['ci95']:.1%}",
+    cells = [run["policy"], _parameters_text(run, by_name), f"{s['pass@1']:.1%} ± {s['ci95']:.1%}",
              _delta_text(run, dense), _versus_matched_text(run, by_name), n, engine[0],
              f"{s['affected_ratio']:.1%}", engine[1], f"{s['mean_output_tokens']:.0f}", f"{s['truncated']:.1%}",
              engine[2]]
@@ -146,21 +194,6 @@ def _errorbars(runs: list[dict[str, Any]]) -> tuple[list[float], list[list[float
     scores = [r["score"] for r in runs]
     y = [s["pass@1"] for s in scores]
     return y, [[s["pass@1"] - s["ci_low"] for s in scores], [s["ci_high"] - s["pass@1"] for s in scores]]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def kv_dtype(run: dict[str, Any]) -> str:
@@ -182,45 +215,66 @@ def group_series(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return groups
 
 
-def plot_accuracy_vs_memory(title: str, runs: list[dict[str, Any]], path: Path) -> list[str]:
-    """The Pareto view: pass@1 (95% CI) against mean memory saved, one series per `series_name`; returns the legend."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4.6))
-    groups = group_series([r for r in runs if r["summary"]])
-    for name, group in groups.items():
+def _styles(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return series_styles((series_name(r), r["policy"]) for r in runs)
+
+
+def accuracy_vs_memory_figure(title: str, runs: list[dict[str, Any]]) -> Figure:
+    """The Pareto view: pass@1 (95% CI) against mean memory saved, one series per `series_name`."""
+    fig, ax = new_figure(size=(9, 4.6))
+    runs = [r for r in runs if r["summary"]]
+    styles = _styles(runs)
+    for name, group in group_series(runs).items():
         group = sorted(group, key=lambda r: r["summary"]["memory_saved_mean"])
         x = [r["summary"]["memory_saved_mean"] for r in group]
         y, yerr = _errorbars(group)
-        ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=name)
+        ax.errorbar(x, y, yerr=yerr, capsize=3, label=name, **styles[name])
         for r, xi, yi in zip(group, x, y):
             swept = {k: v for k, v in parameters(r["config"]["share"]).items() if k in knobs(r["policy"])}
             if swept:
                 ax.annotate(_knobs_text(swept), (xi, yi), fontsize=6, xytext=(4, 4), textcoords="offset points")
     ax.set(xlabel="memory saved (mean of 1 - physical / logical KV blocks)", ylabel="pass@1 (95% CI)",
            title=f"{title}: accuracy vs. KV memory saved")
+    percent_axis(ax.xaxis)
+    percent_axis(ax.yaxis)
+    min_span(ax, "x", PERCENT_SPAN, (0, 1))
+    min_span(ax, "y", 2 * PERCENT_SPAN, (0, 1))
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _save(plt, fig, path)
-    return list(groups)
+    return fig
 
 
-def plot_threshold_sweep(title: str, runs: list[dict[str, Any]], path: Path) -> list[str]:
-    """pass@1 (95% CI, solid) and affected ratio (dashed) of MemShare runs against block_threshold, one colour per
-    `series_name`; returns the legend."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    labels = []
+def plot_accuracy_vs_memory(title: str, runs: list[dict[str, Any]], path: Path) -> list[str]:
+    """Save `accuracy_vs_memory_figure` to `path`; returns the legend."""
+    save_figure(accuracy_vs_memory_figure(title, runs), path)
+    return list(group_series([r for r in runs if r["summary"]]))
+
+
+def threshold_sweep_figure(title: str, runs: list[dict[str, Any]]) -> Figure:
+    """pass@1 (95% CI, solid) and affected ratio (dashed, hollow markers) of MemShare runs against
+    block_threshold, one marker per `series_name`."""
+    fig, ax = new_figure(size=(6.4, 4.4))
+    styles = _styles(runs)
     for name, group in group_series(runs).items():
         group = sorted(group, key=lambda r: r["config"]["share"]["block_threshold"])
         x = [r["config"]["share"]["block_threshold"] for r in group]
         y, yerr = _errorbars(group)
-        line = ax.errorbar(x, y, yerr=yerr, marker="o", capsize=3, label=f"{name}: pass@1")
-        ax.plot(x, [r["score"]["affected_ratio"] for r in group], marker="s", linestyle="--",
-                color=line.lines[0].get_color(), label=f"{name}: affected ratio")
-        labels += [f"{name}: pass@1", f"{name}: affected ratio"]
-    ax.set(xlabel="block_threshold", ylabel="fraction", title=f"{title}: MemShare block-threshold sweep")
+        style = {"color": styles[name]["color"], "marker": styles[name]["marker"]}
+        ax.errorbar(x, y, yerr=yerr, capsize=3, label=f"{name}: pass@1", **style)
+        ax.plot(x, [r["score"]["affected_ratio"] for r in group], linestyle="--", markerfacecolor="none",
+                label=f"{name}: affected ratio", **style)
+    ax.set(xlabel="block_threshold", ylabel="pass@1 (95% CI) / affected ratio",
+           title=f"{title}: MemShare block-threshold sweep")
+    percent_axis(ax.yaxis)
+    min_span(ax, "x", 0.1)
+    min_span(ax, "y", 2 * PERCENT_SPAN, (0, 1))
     ax.legend(fontsize=7)
-    _save(plt, fig, path)
-    return labels
+    return fig
+
+
+def plot_threshold_sweep(title: str, runs: list[dict[str, Any]], path: Path) -> list[str]:
+    """Save `threshold_sweep_figure` to `path`; returns the legend."""
+    save_figure(threshold_sweep_figure(title, runs), path)
+    return [f"{name}: {what}" for name in group_series(runs) for what in ("pass@1", "affected ratio")]
 
 
 def _section(directory: Path, dataset: str, runs: list[dict[str, Any]]) -> str:
@@ -246,7 +300,7 @@ def load_replay_runs(directory: Path) -> list[dict[str, Any]]:
     for config_path in sorted(Path(directory).rglob("*.config.json")):
         config = json.loads(config_path.read_text())
         summary_path = config_path.with_name(config_path.name.replace(".config.json", ".summary.json"))
-        if config.get("kind") == "replay" and summary_path.exists():
+        if config.get("kind") == "replay" and not is_try(config) and summary_path.exists():
             runs.append({"name": config["run"], "policy": config["share"]["policy"], "config": config,
                          "summary": json.loads(summary_path.read_text())})
     return runs
@@ -271,13 +325,13 @@ def _optional(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def _replay_row(run: dict[str, Any], dense: dict[str, Any] | None) -> str:
+def _replay_row(run: dict[str, Any], dense: dict[str, Any] | None, by_name: dict[str, dict[str, Any]]) -> str:
     s, total = run["summary"], run["config"]["traces"]["num_traces"]
     traces = f"{s['num_traces']}" + ("" if s["num_traces"] == total else f" of {total}")
     if len(s["sessions"]) > 1:
         traces += f" ({len(s['sessions'])} sessions)"  # a resumed run's tok/s is not one batch's
     ratio = s["output_tokens_per_s"] / dense["summary"]["output_tokens_per_s"] if dense else None
-    cells = [run["policy"], _parameters_text(run), kv_dtype(run), traces, f"{s['output_tokens_per_s']:.1f}",
+    cells = [run["policy"], _parameters_text(run, by_name), kv_dtype(run), traces, f"{s['output_tokens_per_s']:.1f}",
              _optional(ratio, ".2f"), f"{s['wall_time_s']:.0f}",
              f"{s['num_running_mean']:.1f} / {s['num_running_peak']}", str(s["num_preemptions"]),
              str(s["num_recomputed_tokens"]), f"{s['kv_blocks_mean']:.0f} / {s['kv_blocks_peak']}",
@@ -328,57 +382,90 @@ def replay_levels(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     return levels or {"dense": []}
 
 
-def plot_replay(title: str, runs: list[dict[str, Any]], dense: dict[str, Any] | None, directory: Path,
-                stem: str) -> list[str]:
-    """KL and tok/s ratio against memory saved (one line per series), and running batch and KV blocks over engine
-    time (one line per run); returns the PNG names."""
-    plt = _pyplot()
-    names = [f"{stem}_kl_throughput_vs_memory.png", f"{stem}_batch_kv.png"]
-    fig, (kl_ax, speed_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+def _kl_throughput_figure(title: str, runs: list[dict[str, Any]], dense: dict[str, Any] | None,
+                          styles: dict[str, dict[str, Any]]) -> Figure:
+    fig, axes = new_figure(1, 2, (13, 4.8))
+    kl_ax, speed_ax = axes[0]
     base = dense["summary"]["output_tokens_per_s"] if dense else None
     scored = [r for r in runs if r["summary"]["kl"] is not None]
     for name, group in group_series(scored).items():
         group = sorted(group, key=lambda r: bytes_saved(r["summary"]))
         x = [bytes_saved(r["summary"]) for r in group]
-        kl_ax.plot(x, [max(r["summary"]["kl"], 1e-6) for r in group], marker="o", label=name)
+        kl_ax.plot(x, [r["summary"]["kl"] for r in group], label=name, **styles[name])
         if base:
-            speed_ax.plot(x, [r["summary"]["output_tokens_per_s"] / base for r in group], marker="o", label=name)
-    kl_front = front([(bytes_saved(r["summary"]), max(r["summary"]["kl"], 1e-6), r["name"]) for r in scored], True)
-    kl_ax.step([p[0] for p in kl_front], [p[1] for p in kl_front], where="pre", color="black", linewidth=2,
-               alpha=0.35, label="front: lowest KL at each memory level")
+            speed_ax.plot(x, [r["summary"]["output_tokens_per_s"] / base for r in group], label=name, **styles[name])
+    fronts = [(kl_ax, front([(bytes_saved(r["summary"]), r["summary"]["kl"], r["name"]) for r in scored], True),
+               "front: lowest KL at each memory level")]
     if base:
-        speed_front = front([(bytes_saved(r["summary"]), r["summary"]["output_tokens_per_s"] / base, r["name"])
-                             for r in scored], False)
-        speed_ax.step([p[0] for p in speed_front], [p[1] for p in speed_front], where="pre", color="black",
-                      linewidth=2, alpha=0.35, label="front: fastest at each memory level")
+        fronts.append((speed_ax, front([(bytes_saved(r["summary"]), r["summary"]["output_tokens_per_s"] / base,
+                                         r["name"]) for r in scored], False), "front: fastest at each memory level"))
+    for ax, points, label in fronts:
+        if len(points) > 1:  # a step through one point draws nothing, so it gets no legend entry either
+            ax.step([p[0] for p in points], [p[1] for p in points], where="pre", color="black", linewidth=2,
+                    alpha=0.35, label=label)
     kl_ax.axhline(0.05, color="grey", linestyle=":", label="KL 0.05")
+    kl_axis(kl_ax, [r["summary"]["kl"] for r in scored] + [0.05])
     xlabel = "KV bytes saved vs. dense float32 (mean over steps)"
-    kl_ax.set(xlabel=xlabel, yscale="log", ylabel="mean KL(dense || policy) per token, nats",
-              title=f"{title}: fidelity vs. memory")
+    kl_ax.set(xlabel=xlabel, ylabel="mean KL(dense || policy) per token, nats", title=f"{title}: fidelity vs. memory")
     speed_ax.axhline(1.0, color="grey", linestyle=":", label="dense")
     speed_ax.set(xlabel=xlabel, ylabel="output tok/s ÷ dense (same tokens)", title=f"{title}: throughput vs. memory")
+    min_span(speed_ax, "y", 0.2)
     for ax in (kl_ax, speed_ax):
+        percent_axis(ax.xaxis)
+        min_span(ax, "x", PERCENT_SPAN, (0, 1))
         ax.legend(fontsize=7)
         # bfloat16 holds half of float32's bytes: saved vs bfloat16 = 2 * saved vs float32 - 1.
-        ax.secondary_xaxis("top", functions=(lambda x: 2 * x - 1, lambda x: (x + 1) / 2)).set_xlabel(
-            "KV bytes saved vs. dense bfloat16", fontsize=8)
-    _save(plt, fig, directory / names[0])
+        top = ax.secondary_xaxis("top", functions=(lambda x: 2 * x - 1, lambda x: (x + 1) / 2))
+        top.set_xlabel("KV bytes saved vs. dense bfloat16", fontsize=8)
+        percent_axis(top.xaxis)
+    return fig
+
+
+def _batch_kv_figure(title: str, runs: list[dict[str, Any]], dense: dict[str, Any] | None,
+                     styles: dict[str, dict[str, Any]]) -> Figure:
     levels = replay_levels(runs)
-    fig, axes = plt.subplots(len(levels), 2, figsize=(13, 3.6 * len(levels)), squeeze=False)
-    colors = {policy: f"C{i}" for i, policy in enumerate(dict.fromkeys(r["policy"] for r in runs))}
-    budget = runs[0]["summary"]["sessions"][-1]["num_kv_blocks"]
+    fig, axes = new_figure(len(levels), 2, (13, 3.6 * len(levels)))
     for (level, members), (batch_ax, blocks_ax) in zip(levels.items(), axes):
-        for run in ([dense] if dense else []) + members:
+        shown = ([dense] if dense else []) + members
+        repeats, seen = Counter(series_name(r) for r in shown), Counter[str]()
+        for run in shown:
+            name = series_name(run)
+            line = {"color": styles[name]["color"], "linestyle": styles[name]["linestyle"], "linewidth": 1}
+            label = name
+            if repeats[name] > 1:  # runs of one series (a sweep): its style, fading, and the swept knobs named
+                swept = {k: v for k, v in parameters(run["config"]["share"]).items() if k in knobs(run["policy"])}
+                label, line["alpha"] = f"{name}: {_knobs_text(swept)}", 1 - 0.6 * seen[name] / (repeats[name] - 1)
+                seen[name] += 1
             history = run["summary"]["sessions"][-1]["kv_history"]
             times = [h[0] for h in history]
-            batch_ax.plot(times, [h[3] for h in history], linewidth=1, color=colors[run["policy"]], label=run["policy"])
-            blocks_ax.plot(times, [h[1] for h in history], linewidth=1, color=colors[run["policy"]])
-        blocks_ax.axhline(budget, color="grey", linestyle=":", label="KV budget")
-        batch_ax.set(xlabel="engine time (s)", ylabel="running sequences", title=f"{level}: batch")
-        blocks_ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use", title=f"{level}: KV blocks")
-        batch_ax.legend(fontsize=7)
+            batch_ax.plot(times, [h[3] for h in history], label=label, **line)
+            blocks_ax.plot(times, [h[1] for h in history], **line)
+        capacity_lines(blocks_ax, [(r["summary"]["sessions"][-1]["num_kv_blocks"], kv_dtype(r)) for r in shown])
+        batch_ax.set(xlabel="engine time (s)", ylabel="running sequences")
+        blocks_ax.set(xlabel="engine time (s)", ylabel="physical KV blocks in use")
+        for ax, what in ((batch_ax, "batch"), (blocks_ax, "KV blocks")):
+            ax.set_title(f"{level}: {what}", fontsize=8)
+            count_axis(ax.yaxis)
+            ax.legend(fontsize=7)
     fig.suptitle(f"{title}: running batch and KV blocks, dense and each MemShare level with its matched baselines")
-    _save(plt, fig, directory / names[1])
+    return fig
+
+
+def replay_figures(title: str, runs: list[dict[str, Any]], dense: dict[str, Any] | None) -> dict[str, Figure]:
+    """`kl_throughput_vs_memory`: KL and tok/s ratio against KV bytes saved (one line per series); `batch_kv`:
+    running batch and KV blocks over engine time (one line per run); a series has one style in both."""
+    styles = _styles(([dense] if dense else []) + runs)
+    return {"kl_throughput_vs_memory": _kl_throughput_figure(title, runs, dense, styles),
+            "batch_kv": _batch_kv_figure(title, runs, dense, styles)}
+
+
+def plot_replay(title: str, runs: list[dict[str, Any]], dense: dict[str, Any] | None, directory: Path,
+                stem: str) -> list[str]:
+    """Save `replay_figures` as `<stem>_<figure>.png` under `directory`; returns the PNG names."""
+    names = []
+    for suffix, fig in replay_figures(title, runs, dense).items():
+        names.append(f"{stem}_{suffix}.png")
+        save_figure(fig, directory / names[-1])
     return names
 
 
@@ -386,6 +473,7 @@ def _replay_section(directory: Path, runs: list[dict[str, Any]]) -> str:
     first = runs[0]["config"]
     traces, model = first["traces"], first["model"]
     dense = next((r for r in runs if r["policy"] == "none" and kv_dtype(r) == "auto"), None)
+    by_name = {r["name"]: r for r in runs}
     stem = safe_name(f"{traces['name']}_{model}")
     title = f"{model}, {traces['name']}"
     blocks = runs[0]["summary"]["sessions"][0]["num_kv_blocks"]
@@ -396,11 +484,14 @@ def _replay_section(directory: Path, runs: list[dict[str, Any]]) -> str:
              "like-for-like throughput ratio. KL: over the dense run's top-"
              f"{first['top_k']} plus one bucket for the rest (a lower bound of the full KL).", "",
              "| " + " | ".join(REPLAY_COLUMNS) + " |", "|" + "---|" * len(REPLAY_COLUMNS),
-             *(_replay_row(r, dense) for r in runs), ""]
+             *(_replay_row(r, dense, by_name) for r in runs), ""]
     mismatched = [r["name"] for r in runs if not r["summary"]["tokens_match"]]
     if mismatched:
         lines += [f"**Output differs from the forced tokens in: {', '.join(mismatched)}**", ""]
-    lines += [f"- {name}: KL {text}" for name, text in kl_crossings(runs, 0.05).items()]
+    off = {series_name(r): f"{r['name']}: {text}" for r in runs if (text := not_matched_text(r, by_name))}
+    # A series' KL at some memory saved says nothing of MemShare's level when the run missed that level.
+    lines += [f"- {name}: KL {text}" + (f"; {off[name]}" if name in off else "")
+              for name, text in kl_crossings(runs, 0.05).items()]
     scored = [(bytes_saved(r["summary"]), r["summary"]["kl"], r["name"]) for r in runs
               if r["summary"]["kl"] is not None]
     if scored:

