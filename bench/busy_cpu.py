@@ -40,7 +40,7 @@ def worker(spec: dict) -> None:
     llm = LLM(model=spec["model"], num_threads=spec["threads"], log_stats_interval=0)
     params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
     chats = [[{"role": "user", "content": q}] for q in ("What is 12*13?", "Name three prime numbers.")]
-    llm.chat(chats, params, use_tqdm=False)  # warm-up: first-call allocations and kernel selection
+    llm.chat(chats, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up: first-call allocations
     wall, cpu = time.perf_counter(), time.process_time()
     outs = llm.chat(chats, params, use_tqdm=False)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

@@ -19,6 +19,7 @@ from memshare.eval.policies import parse_policies
 from memshare.eval.report import (
     build_report,
     load_runs,
+    load_warning,
     paired_delta,
     plot_accuracy_vs_memory,
     plot_threshold_sweep,
@@ -265,3 +266,15 @@ def test_report_tables_and_plots_from_a_results_dir(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(tmp_path / "gsm8k" / "no-runs-here")])
     assert exit_info.value.code == 2
+
+
+def test_load_warning_flags_starved_or_uneven_runs():
+    def run(name: str, share: float | None, threads: float | None) -> dict:
+        return {"name": name, "summary": {"cpu_share": share, "num_threads_mean": threads}}
+
+    assert load_warning([run("none", 0.97, 2.0), run("memshare", 0.93, 2.0)]) is None
+    assert load_warning([run("none", None, None)]) is None  # runs saved before CPU use was recorded
+    starved = load_warning([run("none", 0.97, 2.0), run("memshare", 0.45, 2.0)])
+    assert "cannot be trusted" in starved and "memshare got 45%" in starved and "none got" not in starved
+    uneven = load_warning([run("none", 0.99, 2.0), run("memshare", 0.99, 1.0)])
+    assert "none 2.0, memshare 1.0 threads" in uneven

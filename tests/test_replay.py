@@ -229,12 +229,14 @@ def test_replay_gives_every_policy_the_same_tokens_and_scores_against_dense(tmp_
     assert {s["output_tokens"] for s in summaries} == {288} and all(s["tokens_match"] for s in summaries)
     dense = next(s for s in summaries if s["policy"] == "none")
     assert dense["kl"] is None and dense["num_preemptions"] > 0 and dense["num_running_peak"] == 3
+    assert all(s["num_threads_mean"] == 1 and s["cpu_share"] > 0 and s["num_steps"] > 0 for s in summaries)
     others = [s for s in summaries if s["policy"] != "none"]
     assert all(s["kl"] > 0 and 0 < s["top1"] <= 1 and s["affected_ratio"] > 0 for s in others)
     matched = [s for s in others if s["matched"]]
     assert len(matched) == 4 and all(len(s["matched"]["tries"]) == 1 for s in matched)
     report = (tmp_path / "report.md").read_text()
     assert "## replay: mini on smollm2-135m" in report and "| rkv |" in report and "KL 0.05" not in report
+    assert "| engine steps |" in report
     assert (tmp_path / "mini_smollm2-135m_batch_kv.png").stat().st_size > 10_000
     assert "wrote" in capsys.readouterr().out
 

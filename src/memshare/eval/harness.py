@@ -216,6 +216,7 @@ def session_stats(llm: LLM, wall_s: float, problems: int, engine_kwargs: dict[st
     s, stats = llm.llm_engine.stats, llm.stats()
     return {"problems": problems, "wall_time_s": wall_s, "generation_tokens": s.generation_tokens,
             "engine_time_s": s.engine_time_s, "sharing_time_s": s.sharing_time_s,
+            "engine_cpu_time_s": stats["engine_cpu_time_s"], "num_threads_mean": stats["num_threads_mean"],
             "peak_used_blocks": s.peak_used_blocks, "peak_logical_blocks": s.peak_logical_blocks,
             "sum_used_blocks": s.sum_used_blocks, "sum_logical_blocks": s.sum_logical_blocks,
             "blocks_shared": stats.get("blocks_shared", 0), "num_preemptions": stats["num_preemptions"],
@@ -233,7 +234,18 @@ def aggregate(sessions: list[dict[str, Any]]) -> dict[str, Any]:
             "generation_tokens_per_s": tokens / time_s if time_s else 0.0, **memory_saved(sessions),
             "blocks_shared": total("blocks_shared"), "num_preemptions": total("num_preemptions"),
             "kv_blocks_peak": max((s["peak_used_blocks"] for s in sessions), default=0), "sharing_time_s": sharing,
-            "sharing_time_share": sharing / time_s if time_s else 0.0, **kv_bytes_saved(sessions)}
+            "sharing_time_share": sharing / time_s if time_s else 0.0, **kv_bytes_saved(sessions),
+            **cpu_use(sessions)}
+
+
+def cpu_use(sessions: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The engine's CPU threads (mean over engine time) and the share of their CPU time it got: well below 1, other
+    processes held its cores and its tok/s says more about them than about the policy. None for older sessions."""
+    timed = [s for s in sessions if "num_threads_mean" in s]
+    capacity = sum(s["engine_time_s"] * s["num_threads_mean"] for s in timed)
+    time_s = sum(s["engine_time_s"] for s in timed)
+    return {"num_threads_mean": capacity / time_s if time_s else None,
+            "cpu_share": sum(s["engine_cpu_time_s"] for s in timed) / capacity if capacity else None}
 
 
 def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]],

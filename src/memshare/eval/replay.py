@@ -274,7 +274,7 @@ def write_summary(run: Run, config: dict[str, Any], records: list[dict[str, Any]
                "traces": config["traces"]["name"], "complete": len(records) == config["traces"]["num_traces"],
                **score(records), **totals,
                "output_tokens_per_s": sum(r["output_tokens"] for r in records) / wall if wall else 0.0,
-               "num_recomputed_tokens": sum(s["num_recomputed_tokens"] for s in sessions),
+               "num_recomputed_tokens": sum(s["num_recomputed_tokens"] for s in sessions), "num_steps": steps,
                "num_running_peak": max((s["num_running_peak"] for s in sessions), default=0),
                "num_running_mean": sum(s["num_running_mean"] * s["num_steps"] for s in sessions) / steps if steps
                else 0.0,

@@ -307,7 +307,7 @@ def load_replay_runs(directory: Path) -> list[dict[str, Any]]:
 
 
 REPLAY_COLUMNS = ("policy", "parameters", "KV dtype", "traces", "output tok/s", "× dense", "wall s",
-                  "batch mean / peak", "preemptions", "recomputed tokens", "KV blocks mean / peak",
+                  "batch mean / peak", "engine steps", "preemptions", "recomputed tokens", "KV blocks mean / peak",
                   "memory saved mean / peak", "KV bytes saved vs float32 / bfloat16", "affected ratio",
                   "KL(dense ‖ policy)", "top-1", "sharing time")
 
@@ -333,12 +333,33 @@ def _replay_row(run: dict[str, Any], dense: dict[str, Any] | None, by_name: dict
     ratio = s["output_tokens_per_s"] / dense["summary"]["output_tokens_per_s"] if dense else None
     cells = [run["policy"], _parameters_text(run, by_name), kv_dtype(run), traces, f"{s['output_tokens_per_s']:.1f}",
              _optional(ratio, ".2f"), f"{s['wall_time_s']:.0f}",
-             f"{s['num_running_mean']:.1f} / {s['num_running_peak']}", str(s["num_preemptions"]),
+             f"{s['num_running_mean']:.1f} / {s['num_running_peak']}", str(s.get("num_steps", "–")),
+             str(s["num_preemptions"]),
              str(s["num_recomputed_tokens"]), f"{s['kv_blocks_mean']:.0f} / {s['kv_blocks_peak']}",
              f"{s['memory_saved_mean']:.1%} / {s['memory_saved_peak']:.1%}",
              f"{bytes_saved(s):.1%} / {bytes_saved(s, 'bfloat16'):.1%}", f"{s['affected_ratio']:.1%}",
              _optional(s["kl"], ".4f"), _optional(s["top1"], ".1%"), f"{s['sharing_time_share']:.2%}"]
     return "| " + " | ".join(cells) + " |"
+
+
+CPU_SHARE_TRUSTED = 0.8  # a run that got less of its threads' CPU time ran beside another process
+THREADS_TOLERANCE = 0.1
+
+
+def load_warning(runs: list[dict[str, Any]]) -> str | None:
+    """Why the tok/s ratios of `runs` cannot be trusted, if they cannot: a run got too little of its threads' CPU time,
+    or the runs ran with different thread counts (the engine lowers its threads while other processes are busy)."""
+    use = [(r["name"], r["summary"].get("cpu_share"), r["summary"].get("num_threads_mean")) for r in runs]
+    starved = [f"{name} got {share:.0%}" for name, share, _ in use if share is not None and share < CPU_SHARE_TRUSTED]
+    threads = [t for _, _, t in use if t]
+    uneven = bool(threads) and max(threads) > (1 + THREADS_TOLERANCE) * min(threads)
+    if not starved and not uneven:
+        return None
+    why = [f"{', '.join(starved)} of its threads' CPU time"] if starved else []
+    if uneven:
+        why.append("the runs had " + ", ".join(f"{name} {t:.1f}" for name, _, t in use if t) + " threads on average")
+    return (f"**The tok/s ratios cannot be trusted: another process was using the CPU ({'; '.join(why)}).** Engine "
+            "steps, batch, preemptions and memory saved do not depend on it; rerun on an idle machine for tok/s.")
 
 
 def kl_crossings(runs: list[dict[str, Any]], level: float) -> dict[str, str]:
@@ -406,9 +427,9 @@ def _kl_throughput_figure(title: str, runs: list[dict[str, Any]], dense: dict[st
     kl_ax.axhline(0.05, color="grey", linestyle=":", label="KL 0.05")
     kl_axis(kl_ax, [r["summary"]["kl"] for r in scored] + [0.05])
     xlabel = "KV bytes saved vs. dense float32 (mean over steps)"
-    kl_ax.set(xlabel=xlabel, ylabel="mean KL(dense || policy) per token, nats", title=f"{title}: fidelity vs. memory")
+    kl_ax.set(xlabel=xlabel, ylabel="mean KL(dense || policy) per token, nats", title="fidelity vs. memory")
     speed_ax.axhline(1.0, color="grey", linestyle=":", label="dense")
-    speed_ax.set(xlabel=xlabel, ylabel="output tok/s ÷ dense (same tokens)", title=f"{title}: throughput vs. memory")
+    speed_ax.set(xlabel=xlabel, ylabel="output tok/s ÷ dense (same tokens)", title="throughput vs. memory")
     min_span(speed_ax, "y", 0.2)
     for ax in (kl_ax, speed_ax):
         percent_axis(ax.xaxis)
@@ -418,6 +439,7 @@ def _kl_throughput_figure(title: str, runs: list[dict[str, Any]], dense: dict[st
         top = ax.secondary_xaxis("top", functions=(lambda x: 2 * x - 1, lambda x: (x + 1) / 2))
         top.set_xlabel("KV bytes saved vs. dense bfloat16", fontsize=8)
         percent_axis(top.xaxis)
+    fig.suptitle(title)  # one title over both panels: each panel's own would be cut off at this width
     return fig
 
 
@@ -485,6 +507,8 @@ def _replay_section(directory: Path, runs: list[dict[str, Any]]) -> str:
              f"{first['top_k']} plus one bucket for the rest (a lower bound of the full KL).", "",
              "| " + " | ".join(REPLAY_COLUMNS) + " |", "|" + "---|" * len(REPLAY_COLUMNS),
              *(_replay_row(r, dense, by_name) for r in runs), ""]
+    if (warning := load_warning(runs)) is not None:
+        lines += [warning, ""]
     mismatched = [r["name"] for r in runs if not r["summary"]["tokens_match"]]
     if mismatched:
         lines += [f"**Output differs from the forced tokens in: {', '.join(mismatched)}**", ""]
