@@ -64,13 +64,14 @@ def penalties(seqs: list[Sequence], device: torch.device) -> Penalties | None:
     outputs = [s.output_token_ids if u else [] for s, u in zip(seqs, used)]
     values = torch.tensor([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty] for p in params],
                           dtype=torch.float32, device=device)
-    return Penalties(values[:, 0], values[:, 1], values[:, 2], _padded(prompts, device), _padded(outputs, device))
+    return Penalties(values[:, 0], values[:, 1], values[:, 2], padded(prompts, -1, device), padded(outputs, -1, device))
 
 
-def _padded(rows: list[list[int]], device: torch.device) -> torch.Tensor:
-    width = max(map(len, rows))
-    padded = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
-    return padded.view(len(rows), width)  # [B, 0] when no row counts any token
+def padded(rows: list[list[int]], fill: int, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`rows` as one [len(rows), longest] tensor, short rows filled with `fill`."""
+    width = max(map(len, rows), default=0)
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=dtype, device=device).view(
+        len(rows), width)  # [B, 0] when every row is empty
 
 
 class ModelRunner:
@@ -196,9 +197,7 @@ class ModelRunner:
             prefills.append(PrefillSpan(len(input_ids) - num_new, len(input_ids), end,
                                         self._tensor(table[:num_blocks]), mask))
         self.kv_cache.begin_step(slots)
-        width = max((len(t) for t in decode_tables), default=0)
-        decode_table_tensor = self._tensor([t + [0] * (width - len(t)) for t in decode_tables]).view(
-            len(decode_tables), width)
+        decode_table_tensor = padded(decode_tables, 0, self.device)
         meta = AttentionMetadata(self._tensor(slots), len(decode_tables), decode_table_tensor,
                                  self._tensor(decode_lens), prefills)
         if self.attention_backend == "triton":
@@ -207,13 +206,12 @@ class ModelRunner:
 
     def _varlen(self, tables: list[list[int]], seq_lens: list[int], num_queries: list[int]) -> VarlenMetadata:
         ops, int32 = triton_ops(), torch.int32
-        width = max(len(t) for t in tables)
-        block_tables = self._tensor([t + [0] * (width - len(t)) for t in tables], int32)
+        block_tables = padded(tables, 0, self.device, int32)
         max_queries = max(num_queries)
         block_q = ops.block_q_for(self.num_heads, self.num_kv_heads, max_queries)
         if max_queries == 1:
             tile_seq, tile_q0 = ops.decode_tiles(len(tables), self.device)
-            num_splits = ops.num_splits_for(len(tables), self.num_kv_heads, width, self.device)
+            num_splits = ops.num_splits_for(len(tables), self.num_kv_heads, block_tables.shape[1], self.device)
         else:  # split-K is for decode-only batches, as in vLLM's unified kernel
             tile_seq, tile_q0 = ops.prefill_tiles(num_queries, block_q, self.device)
             num_splits = 1
