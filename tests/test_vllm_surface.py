@@ -21,7 +21,7 @@ TINY = dict(model="tiny-qwen2", load_format="dummy", skip_tokenizer_init=True, l
 
 @pytest.mark.parametrize("kwargs, advice", [
     ({"gpu_memory_utilization": 0.9}, "kv_cache_memory"), ({"swap_space": 4}, "not supported"),
-    ({"cpu_offload_gb": 2}, "not supported"), ({"quantization": "awq"}, "kv_cache_dtype"),
+    ({"cpu_offload_gb": 2}, "not supported"), ({"quantization_config": {}}, "quantization="),
     ({"tensor_parallel_size": 2}, "vLLM with the memshare plugin"), ({"enable_lora": True}, "merge_and_unload"),
     ({"max_num_seq": 8}, "did you mean 'max_num_seqs'"), ({"kv_cache_memry": "1GiB"}, "did you mean 'kv_cache_memory'"),
 ])

@@ -3,7 +3,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-from memshare.errors import KVCacheDtypeError
+from memshare.errors import KVCacheDtypeError, QuantizationError
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
           "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
@@ -99,6 +99,9 @@ ATTENTION_BACKENDS = ("auto", "triton", "torch")
 LOAD_FORMATS = ("auto", "dummy")
 # vLLM's model dtypes: "half" is float16, "float" float32.
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+# Weights kept quantized: "gguf" a GGUF file's own Q8_0/Q4_0/Q4_1 codes; "int8", "int4" quantized at load
+# (layers/linear.py). vLLM's "gguf" is the same idea; it has no CPU names for the other two.
+QUANTIZATIONS = ("gguf", "int8", "int4")
 # vLLM's names of the KV storage formats; layers/kv_cache.py stores each and explains them.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "int8_per_token_head",
                    "int4_per_token_head", "int4_kivi")
@@ -127,6 +130,9 @@ class EngineConfig:
     enable_prefix_caching: bool = field(default=True, metadata={"help": "share full prompt blocks by hash"})
     device: str = field(default="auto", metadata={"help": "auto: CUDA when present, else CPU"})
     dtype: str = field(default="auto", metadata={"help": "auto: bfloat16 on CUDA, float32 on CPU"})
+    quantization: str | None = field(default=None, metadata={
+        "help": "weights kept quantized on CPU: gguf (a GGUF file's Q8_0/Q4_0/Q4_1 codes), int8 or int4 (per 32 "
+        "inputs, quantized at load); default: float weights in dtype", "type": str, "choices": QUANTIZATIONS})
     # vLLM's names, listed in KV_CACHE_DTYPES; layers/kv_cache.py explains them.
     kv_cache_dtype: str = field(default="auto", metadata={
         "help": "KV storage, one of " + ", ".join(KV_CACHE_DTYPES) + "; replay, eval and bench take a "
@@ -174,6 +180,8 @@ class EngineConfig:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise QuantizationError(f"quantization must be one of {QUANTIZATIONS} or None, got {self.quantization!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if not isinstance(self.share, ShareConfig):

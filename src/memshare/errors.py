@@ -24,6 +24,15 @@ class KVCacheDtypeError(MemShareError, ValueError):
     """An unknown `kv_cache_dtype`, or one the model's heads cannot be stored in."""
 
 
+class QuantizationError(MemShareError, ValueError):
+    """Quantized weights that cannot load: `quantization="gguf"` on a model that is not a GGUF file or carries no
+    linear weights in a format memshare runs, or any quantization off a float32 CPU with memshare's AVX2 kernels."""
+
+
+class UnsupportedDtypeError(MemShareError, ValueError):
+    """A model `dtype` this machine cannot run at speed: bfloat16 on a CPU without AVX512_BF16 or AMX."""
+
+
 class UnsupportedRotaryError(MemShareError, ValueError):
     """A sharing policy on a model whose rotary embeddings memshare cannot undo on cached keys (interleaved or
     partial rotation, a rope type whose angles are not the position's alone); dense runs of the model are fine."""

@@ -92,7 +92,7 @@ class ModelRunner:
         # rotation memshare cannot undo is refused here, a dense run only if something calls it.
         self.unrotate_keys = key_unrotation(self.model, strict=config.share.policy != "none")
         self.paged_model = lean_model(self.model, config.model_impl)
-        prepack_linear_layers(self.paged_model or self.model)
+        prepack_linear_layers(self.paged_model or self.model, config.quantization)
         self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
         text_config = self.model.config.get_text_config()
         self.max_position_embeddings = text_config.max_position_embeddings

@@ -26,8 +26,9 @@ VLLM_INSTEAD: tuple[tuple[str, str], ...] = (
     ("swap_space cpu_offload_gb cpu_offload_params offload_* kv_offloading_*",
      "not supported: weights and KV cache stay on the device; size the KV cache with kv_cache_memory and fit more in "
      "it with a quantized kv_cache_dtype or a sharing policy (share=)"),
-    ("quantization quantization_config allow_deprecated_quantization",
-     "not supported: weights load in `dtype` (a .gguf file dequantized); kv_cache_dtype quantizes the KV cache"),
+    ("quantization_config allow_deprecated_quantization",
+     "not supported: quantization= takes gguf (a GGUF file's own codes), int8 or int4; kv_cache_dtype quantizes "
+     "the KV cache"),
     ("distributed_executor_backend master_addr master_port nnodes node_rank *distributed_timeout_seconds numa_bind* "
      "device_ids *context_parallel_size dcp_* cp_kv_cache_interleave_size data_parallel_* enable_hc_sp "
      "enable_expert_parallel enable_ep_weight_filter *elastic_ep* eplb_config enable_eplb expert_placement_strategy "

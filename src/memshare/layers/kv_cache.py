@@ -194,6 +194,7 @@ class KVCache:
                        for _ in range(num_layers)]
         self.tail = TailPool(num_tail_blocks if fmt.needs_tail else 0, num_layers, num_blocks,
                              (block_size, num_kv_heads, head_dim), device)
+        self._kernel_args: list[list] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -226,6 +227,9 @@ class KVCache:
             self.tail.write(self, layer, key, value)
             return
         for plane, x in zip(self.layers[layer], (key, value)):
+            if not self.format.quantized:  # no scales: the per-call work of quantize() would be a third of a write
+                plane.codes.view(-1, *plane.codes.shape[2:]).index_copy_(0, slot_mapping, x.to(plane.codes.dtype))
+                continue
             codes, scale, _ = quantize(self.format, x, plane.scale_mode)
             plane.codes.view(-1, *plane.codes.shape[2:]).index_copy_(0, slot_mapping, codes)
             if scale is not None:
@@ -269,6 +273,11 @@ class KVCache:
 
     def kernel_args(self, layer: int) -> list:
         """The decode kernel's view of a layer: per plane codes, scale, zero, scale mode; then the lut and tails."""
+        if self._kernel_args is None:  # the same tensors every step: built once
+            self._kernel_args = [self._layer_kernel_args(i) for i in range(self.num_layers)]
+        return self._kernel_args[layer]
+
+    def _layer_kernel_args(self, layer: int) -> list:
         args: list = []
         modes = {"none": 0, "token": 1, "channel": 2}
         empty = self.lut.new_empty(0)

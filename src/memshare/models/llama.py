@@ -13,17 +13,7 @@ from transformers import PreTrainedModel
 
 from memshare.layers.attention import PagedContext, paged_attention
 from memshare.layers.fused import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
-
-
-def _fuse(*linears: nn.Linear) -> nn.Linear:
-    """One linear layer whose output is the concatenation of `linears`' outputs."""
-    weight = torch.cat([linear.weight.detach() for linear in linears])
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None,
-                      device=weight.device, dtype=weight.dtype)
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if fused.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([linear.bias.detach() for linear in linears]), requires_grad=False)
-    return fused
+from memshare.layers.linear import fuse_linears
 
 
 class PagedDecoderLayer(nn.Module):
@@ -32,9 +22,9 @@ class PagedDecoderLayer(nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         self.layer_idx, self.scale, self.head_dim = attn.layer_idx, attn.scaling, attn.head_dim
         self.q_size, self.kv_size = attn.q_proj.out_features, attn.k_proj.out_features
-        self.qkv_proj = _fuse(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv_proj = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
         self.o_proj = attn.o_proj
-        self.gate_up_proj = _fuse(mlp.gate_proj, mlp.up_proj)
+        self.gate_up_proj = fuse_linears(mlp.gate_proj, mlp.up_proj)
         self.down_proj = mlp.down_proj
         self.input_norm, self.post_attention_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.eps = layer.input_layernorm.variance_epsilon

@@ -14,9 +14,11 @@ from transformers import (
 )
 
 from memshare.config import EngineConfig
-from memshare.errors import UnknownModelError
+from memshare.errors import QuantizationError, UnknownModelError, UnsupportedDtypeError
 from memshare.layers.attention import ATTN_IMPLEMENTATION, register_paged_attention
-from memshare.models.weights import CONFIG_ONLY_MODELS, resolve_model
+from memshare.layers.linear import require_panels
+from memshare.models.gguf_codes import swap_gguf_linears
+from memshare.models.weights import CONFIG_ONLY_MODELS, gguf_source, resolve_model
 
 logger = logging.getLogger("memshare")
 
@@ -38,6 +40,27 @@ def pick_dtype(config: EngineConfig, device: torch.device) -> torch.dtype:
         return getattr(torch, config.dtype)
     # bfloat16 matmuls are ~10x slower than float32 on these CPUs; on GPUs bfloat16 is the norm.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX), from the kernel's CPU flags."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check_weights(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """Typed errors for weight formats this machine cannot run, before any weight loads."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16():
+        raise UnsupportedDtypeError("dtype='bfloat16' on this CPU has no AVX512_BF16 or AMX to multiply it: its "
+                                    "matmuls run ~10x slower than float32; use dtype='float32' (the default on CPU), "
+                                    "or quantization='int8' for a quarter of float32's weight bytes")
+    if config.quantization:
+        require_panels(config.quantization, device, dtype)
+    if config.quantization == "gguf" and config.load_format == "dummy":
+        raise QuantizationError("quantization='gguf' reads a GGUF file's codes; load_format='dummy' loads none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +125,7 @@ def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         tokenizer = load_tokenizer(*source, config.trust_remote_code)
     device = pick_device(config)
     dtype = pick_dtype(config, device)
+    check_weights(config, device, dtype)
     register_paged_attention()
     hf_config = AutoConfig.from_pretrained(path, gguf_file=gguf_file, trust_remote_code=config.trust_remote_code)
     if getattr(hf_config, "use_sliding_window", False) or getattr(hf_config, "layer_types", None) and \
@@ -116,4 +140,10 @@ def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         path, gguf_file=gguf_file, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION,
         trust_remote_code=config.trust_remote_code)
     model.to(device).eval()
+    if config.quantization == "gguf":
+        source = gguf_source(config.model, config.revision, config.download_dir)
+        if source is None:
+            raise QuantizationError(f"quantization='gguf' needs a GGUF model file; {config.model!r} loads from "
+                                    f"{path}, which has none: use quantization='int8' or 'int4' to quantize at load")
+        swap_gguf_linears(model, source)
     return model, tokenizer, device

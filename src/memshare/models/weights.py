@@ -171,6 +171,15 @@ def download_hub(repo_id: str, revision: str | None = None, download_dir: str | 
     return snapshot
 
 
+def gguf_source(model: str, revision: str | None = None, download_dir: str | None = None) -> Path | None:
+    """The GGUF file `model` loads from (a registered name's verified GGUF, a .gguf file, a directory with one), or
+    None for a model stored otherwise."""
+    if model in REGISTRY:
+        return fetch_registered(REGISTRY[model])
+    path, gguf_file = resolve_model(model, revision, download_dir)
+    return None if gguf_file is None else path / gguf_file
+
+
 def resolve_model(model: str, revision: str | None = None, download_dir: str | None = None) -> tuple[Path, str | None]:
     """(directory, gguf file name or None) for a short name, a HF directory, a .gguf file, or a Hugging Face Hub id
     (downloaded into, or offline read from, huggingface_hub's cache at `revision`)."""

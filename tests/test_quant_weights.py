@@ -1,0 +1,111 @@
+"""Weights on CPU: the panel kernel against torch, quantized layers against dequantize-then-matmul, a GGUF file's own
+codes, and the typed errors of weight formats that cannot run."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf.quants import dequantize, quantize
+
+from memshare import LLM, SamplingParams
+from memshare.errors import QuantizationError, UnsupportedDtypeError
+from memshare.layers.linear import PanelLinear, fuse_linears, panels_available, quantize_rows
+from memshare.models.gguf_codes import block_rows
+from memshare.models.loader import cpu_has_bf16
+
+from .conftest import MODEL
+
+pytestmark = pytest.mark.skipif(not panels_available(), reason="the panel kernel needs AVX2, FMA and a compiler")
+# Rows 1 and 5 run the register tiles on codes; 40 and 130 dequantize each panel (130: two row blocks of 96).
+ROWS = (1, 5, 40, 130)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, k: int) -> None:
+    """Within float32 rounding of a k-term sum with its terms' own magnitude (reassociated, fused multiply-adds)."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=4e-6 * k ** 0.5 * expected.abs().max().item() + 1e-6)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+def test_float32_panels_equal_torch(rows):
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(70, 96), torch.randn(70), torch.randn(rows, 96)  # 70: a partial last panel
+    close(PanelLinear(weight, bias)(x), F.linear(x, weight, bias), 96)
+    assert torch.equal(PanelLinear(weight, None).weight_rows(), weight)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", ROWS)
+def test_quantized_linear_equals_dequantize_then_matmul(bits, rows):
+    torch.manual_seed(bits)
+    weight, x = torch.randn(50, 128), torch.randn(2, rows, 128)  # leading dims flatten like nn.Linear's
+    quantized = quantize_rows(weight, bits)
+    layer = PanelLinear(quantized, None)
+    close(layer(x), F.linear(x, quantized.dequantize()), 128)
+    unpacked = layer.weight_rows()
+    assert torch.equal(unpacked.codes, quantized.codes) and torch.equal(unpacked.scale, quantized.scale)
+
+
+@pytest.mark.parametrize("bits, levels", [(8, 254), (4, 15)])
+def test_round_trip_error_is_half_a_step(bits, levels):
+    """Round to nearest: no weight moves more than half its group's step (range / levels)."""
+    weight = torch.randn(64, 256, dtype=torch.float64).float()
+    error = (quantize_rows(weight, bits).dequantize() - weight).abs().view(64, 8, 32)
+    groups = weight.view(64, 8, 32)
+    spread = 2 * groups.abs().amax(-1) if bits == 8 else groups.amax(-1) - groups.amin(-1)
+    assert (error.amax(-1) <= spread / levels / 2 * (1 + 1e-5)).all()
+
+
+def test_fused_layers_keep_their_codes():
+    torch.manual_seed(1)
+    parts = [PanelLinear(quantize_rows(torch.randn(n, 64), 4), None) for n in (24, 8, 8)]
+    fused, x = fuse_linears(*parts), torch.randn(3, 64)
+    assert isinstance(fused, PanelLinear) and fused.bits == 4
+    close(fused(x), torch.cat([p(x) for p in parts], -1), 64)
+
+
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0,
+                                   gguf.GGMLQuantizationType.Q4_1])
+def test_gguf_blocks_read_as_gguf_dequantizes_them(qtype):
+    values = np.random.default_rng(0).standard_normal((16, 96)).astype(np.float32)
+    blocks = quantize(values, qtype)
+    rows = block_rows(blocks, qtype)
+    reference = torch.from_numpy(dequantize(blocks, qtype))
+    torch.testing.assert_close(rows.dequantize(), reference, rtol=0, atol=1e-6 * reference.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def gguf_llm() -> LLM:
+    return LLM(model=MODEL, kv_cache_memory="64MiB", quantization="gguf", log_stats_interval=0)
+
+
+def test_gguf_codes_give_float32s_greedy_tokens(gguf_llm, prompts, hf_greedy):
+    """smollm2-135m's float32 weights are its Q4_1 file dequantized: run on the codes, greedy decoding equals
+    Hugging Face's float32 (all 64 tokens of all 8 prompts, as measured)."""
+    layers = [m for m in gguf_llm.llm_engine.model_runner.paged_model.modules() if isinstance(m, PanelLinear)]
+    assert len(layers) == 30 * 4 + 1 and {m.bits for m in layers} == {4, 8}  # Q4_1 layers, Q8_0 tied lm_head
+    outputs = gguf_llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"quantization": "awq"}, QuantizationError, "one of"),
+    ({"model": "tiny-qwen2", "load_format": "dummy", "skip_tokenizer_init": True, "quantization": "gguf"},
+     QuantizationError, "dummy"),
+    ({"quantization": "int8", "dtype": "float16"}, QuantizationError, "float32"),
+])
+def test_weight_formats_that_cannot_run_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LLM(**{"model": MODEL, "log_stats_interval": 0, **kwargs})
+
+
+def test_gguf_quantization_needs_a_gguf_file(tmp_path, model_dir):
+    with pytest.raises(QuantizationError, match="needs a GGUF model file"):
+        LLM(model=str(model_dir), quantization="gguf", log_stats_interval=0)
+
+
+@pytest.mark.skipif(cpu_has_bf16(), reason="this CPU multiplies bfloat16")
+def test_bfloat16_weights_need_the_instructions():
+    with pytest.raises(UnsupportedDtypeError, match="AVX512_BF16"):
+        LLM(model=MODEL, dtype="bfloat16", log_stats_interval=0)
