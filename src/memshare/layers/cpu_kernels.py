@@ -1,5 +1,6 @@
-"""Fused CPU kernels, compiled on first use with torch's C++ extension loader: paged-attention decode and the
-decoder layer's small ops (RMSNorm with the residual add, rotary embedding, SiLU-and-mul; vLLM's names).
+"""Fused CPU kernels, compiled on first use with torch's C++ extension loader: paged-attention decode, the
+decoder layer's small ops (RMSNorm with the residual add, rotary embedding, SiLU-and-mul; vLLM's names), and the
+linear layers on float32 or quantized weights in panels (layers/linear.py).
 
 Gathering each sequence's blocks into a dense tensor and then running small batched GEMMs reads the
 context twice and spends most of its time in per-call overhead; this kernel walks the block table and
