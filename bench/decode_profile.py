@@ -33,6 +33,7 @@ from memshare.models.weights import resolve_model
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "bench" / "profile"
 GEMM_OPS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
+PANEL_LINEAR = "memshare::panel_linear "  # layers/linear.py names its kernel calls "... MxK @ NxK" under a profiler
 
 
 def best_of(fn, repeats: int = 5) -> float:
@@ -68,8 +69,9 @@ def profile_steps(engine: LLMEngine, steps: int) -> tuple[float, dict[str, tuple
         wall = (time.perf_counter() - start) / steps * 1e3
     for event in prof.key_averages(group_by_input_shape=True):
         ms = event.self_cpu_time_total / 1e3 / steps
-        if event.key in GEMM_OPS:
-            rows, cols = event.input_shapes[0], event.input_shapes[1]
+        if event.key in GEMM_OPS or event.key.startswith(PANEL_LINEAR):
+            rows, cols = (event.input_shapes[0], event.input_shapes[1]) if event.key in GEMM_OPS else \
+                [tuple(map(int, part.split("x"))) for part in event.key.removeprefix(PANEL_LINEAR).split(" @ ")]
             shape = f"{rows[-2] if len(rows) > 1 else 1}x{rows[-1]} @ {cols[0]}x{cols[1]}"
             ms_before, calls_before = gemm.get(shape, (0.0, 0))
             gemm[shape] = (ms_before + ms, calls_before + event.count // steps)

@@ -17,8 +17,8 @@ from memshare.models.loader import cpu_has_bf16
 from .conftest import MODEL
 
 pytestmark = pytest.mark.skipif(not panels_available(), reason="the panel kernel needs AVX2, FMA and a compiler")
-# Rows 1 and 5 run the register tiles on codes; 40 and 130 dequantize each panel (130: two row blocks of 96).
-ROWS = (1, 5, 40, 130)
+# Up to 12 rows (int4) or 24 (int8) run register tiles on codes, more dequantize each panel (130: two row blocks).
+ROWS = (1, 5, 10, 20, 40, 130)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, k: int) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from memshare.layers.cpu_kernels import cpu_ops, kernel_applies
+from memshare.layers.cpu_kernels import cpu_ops, kernel_applies, kernel_range
 from memshare.layers.kv_cache import KVCache
 
 ATTN_IMPLEMENTATION = "memshare_paged"
@@ -92,11 +92,9 @@ def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: Attentio
     one query token).
     """
     if use_kernel and kernel_applies(q):
-        args = (q, *cache.kernel_args(layer), meta.decode_block_tables, meta.decode_context_lens, scale)
-        if not torch.autograd.profiler._is_profiler_enabled:  # a profiler range costs ~25 us a call
-            return cpu_ops().paged_decode(*args)
-        with torch.profiler.record_function("memshare::paged_decode"):  # named in profiles (bench/decode_profile.py)
-            return cpu_ops().paged_decode(*args)
+        with kernel_range(lambda: "memshare::paged_decode"):
+            return cpu_ops().paged_decode(q, *cache.kernel_args(layer), meta.decode_block_tables,
+                                          meta.decode_context_lens, scale)
     keys, values = cache.gather(layer, meta.decode_block_tables)  # [B, L, kv_heads, d]
     num_kv_heads = keys.shape[2]
     padding = torch.arange(keys.shape[1], device=q.device) >= meta.decode_context_lens.unsqueeze(1)

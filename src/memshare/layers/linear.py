@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memshare.errors import QuantizationError
-from memshare.layers.cpu_kernels import cpu_ops
+from memshare.layers.cpu_kernels import cpu_ops, kernel_range
 
 PANEL = 16
 GROUP_SIZE = 32
@@ -95,7 +95,9 @@ class PanelLinear(nn.Module):
         self.kernel_args = (self.data, self.scale, self.zero, self.bias, self.bits, self.out_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_ops().panel_linear(x, *self.kernel_args)
+        k = self.in_features
+        with kernel_range(lambda: f"memshare::panel_linear {x.numel() // k}x{k} @ {self.out_features}x{k}"):
+            return cpu_ops().panel_linear(x, *self.kernel_args)
 
     def weight_rows(self) -> torch.Tensor | QuantizedRows:
         """The weight as it was given: float [N, K] or its QuantizedRows."""
