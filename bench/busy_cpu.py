@@ -21,6 +21,9 @@ from statistics import median
 
 from tqdm import tqdm
 
+from bench.peers import run_worker
+from memshare.eval.plots import new_figure, save_figure
+
 # name -> (environment, num_threads): "before" is what the engine did until issue 35, torch's defaults.
 SETTINGS: dict[str, tuple[dict[str, str], int | None]] = {
     "2 threads + OpenMP spin (before)": ({}, 2),
@@ -52,14 +55,12 @@ def run(name: str, busy: bool, model: str, max_tokens: int) -> dict:
     env, threads = SETTINGS[name]
     hog = subprocess.Popen([sys.executable, "-c", HOG]) if busy else None
     try:
-        spec = json.dumps({"model": model, "threads": threads, "max_tokens": max_tokens})
-        proc = subprocess.run([sys.executable, "-m", "bench.busy_cpu", "--worker", spec], check=True,
-                              capture_output=True, text=True, env={**os.environ, **env})
+        result = run_worker("bench.busy_cpu", {"model": model, "threads": threads, "max_tokens": max_tokens}, env)
     finally:
         if hog:
             hog.kill()
             hog.wait()
-    return {"setting": name, "busy": busy, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    return {"setting": name, "busy": busy, **result}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -76,13 +77,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(dict.fromkeys(r["setting"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = new_figure(size=(7, 3))
     for offset, busy, color in ((-0.2, False, "tab:gray"), (0.2, True, "tab:red")):
         walls = [median(r["wall_s"] for r in rows if r["setting"] == n and r["busy"] == busy) for n in names]
         ax.barh([i + offset for i in range(len(names))], walls, height=0.4, color=color,
@@ -91,8 +87,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("wall seconds, 2 x 128 tokens (lower is better)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:

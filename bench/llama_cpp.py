@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tarfile
 import time
 import urllib.request
@@ -31,7 +30,8 @@ from functools import partial
 from pathlib import Path
 from urllib.parse import urljoin
 
-from bench.peers import THREADS, math500_prompts
+from bench.peers import THREADS, math500_prompts, run_worker
+from memshare.eval.plots import new_figure, save_figure
 from memshare.models.weights import REGISTRY, cache_dir, fetch_registered
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "qwq-traces" / "traces.jsonl"
@@ -102,11 +102,8 @@ def memshare_worker(spec: dict) -> None:
 
 
 def memshare_run(model: str, weights: str, batch: int, prompt_tokens: int, max_tokens: int) -> dict:
-    spec = json.dumps({"model": model, "weights": weights, "batch": batch, "prompt_tokens": prompt_tokens,
-                       "max_tokens": max_tokens})
-    out = subprocess.run([sys.executable, "-m", "bench.llama_cpp", "--worker", spec], check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return run_worker("bench.llama_cpp", {"model": model, "weights": weights, "batch": batch,
+                                          "prompt_tokens": prompt_tokens, "max_tokens": max_tokens})
 
 
 class KLMeter:
@@ -166,20 +163,14 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure(size=(6, 3.5))
     for engine in dict.fromkeys(r["engine"] for r in rows):
         points = sorted((r["batch"], r["decode_tokens_per_s"]) for r in rows if r["engine"] == engine)
         ax.plot(*zip(*points), marker="o", label=engine)
     ax.set(xscale="log", xlabel="batch (parallel sequences)", ylabel="decode tok/s (higher is better)")
     ax.set_xticks(sorted({r["batch"] for r in rows}), [str(b) for b in sorted({r["batch"] for r in rows})])
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:

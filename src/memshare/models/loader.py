@@ -141,7 +141,7 @@ def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         trust_remote_code=config.trust_remote_code)
     model.to(device).eval()
     if config.quantization == "gguf":
-        source = gguf_source(config.model, config.revision, config.download_dir)
+        source = gguf_source(config.model, path, gguf_file)
         if source is None:
             raise QuantizationError(f"quantization='gguf' needs a GGUF model file; {config.model!r} loads from "
                                     f"{path}, which has none: use quantization='int8' or 'int4' to quantize at load")

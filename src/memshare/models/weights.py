@@ -171,12 +171,11 @@ def download_hub(repo_id: str, revision: str | None = None, download_dir: str | 
     return snapshot
 
 
-def gguf_source(model: str, revision: str | None = None, download_dir: str | None = None) -> Path | None:
-    """The GGUF file `model` loads from (a registered name's verified GGUF, a .gguf file, a directory with one), or
-    None for a model stored otherwise."""
+def gguf_source(model: str, path: Path, gguf_file: str | None) -> Path | None:
+    """The GGUF file `model` loads from, given what `resolve_model` returned for it (`path`, `gguf_file`): a
+    registered name's verified GGUF (it loads from a float32 export), the .gguf file itself, or None."""
     if model in REGISTRY:
         return fetch_registered(REGISTRY[model])
-    path, gguf_file = resolve_model(model, revision, download_dir)
     return None if gguf_file is None else path / gguf_file
 
 
