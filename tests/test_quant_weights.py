@@ -10,6 +10,7 @@ from gguf.quants import dequantize, quantize
 
 from memshare import LLM, SamplingParams
 from memshare.errors import QuantizationError, UnsupportedDtypeError
+from memshare.layers.cpu_kernels import cpu_ops
 from memshare.layers.linear import PanelLinear, fuse_linears, panels_available, quantize_rows
 from memshare.models.gguf_codes import block_rows
 from memshare.models.loader import cpu_has_bf16
@@ -87,6 +88,18 @@ def test_gguf_codes_give_float32s_greedy_tokens(gguf_llm, prompts, hf_greedy):
     outputs = gguf_llm.generate([{"prompt_token_ids": p} for p in prompts],
                                 SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy
+
+
+def test_decode_steps_run_as_one_call_with_hfs_tokens(llm, prompts, hf_greedy, monkeypatch):
+    """Decode-only steps run every decoder layer in one decode_layers call (models/llama.py); greedy tokens still
+    equal Hugging Face's."""
+    ops, calls = cpu_ops(), []
+    original = ops.decode_layers
+    monkeypatch.setattr(ops, "decode_layers", lambda *args: calls.append(len(args[0])) or original(*args))
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy
+    assert len(calls) >= 60 and max(calls) == len(prompts)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -268,6 +268,13 @@ class KVCache:
         shape = (len(block_ids), self.block_size, self.num_kv_heads, self.head_dim)
         return (torch.stack([k.view(shape) for k, _ in pairs]), torch.stack([v.view(shape) for _, v in pairs]))
 
+    def float32_planes(self) -> list[torch.Tensor] | None:
+        """Every layer's K and V values in order, where they are stored as plain float32 (the fused decode step writes
+        them itself: cpu_kernels' decode_layers); None for every other format."""
+        if self.format.name != "float32":
+            return None
+        return [plane.codes for layer in self.layers for plane in layer]
+
     def kernel_args(self, layer: int) -> list:
         """The decode kernel's view of a layer: per plane codes, scale, zero, scale mode; then the lut and tails."""
         if self._kernel_args is None:  # the same tensors every step: built once

@@ -12,8 +12,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from memshare.layers.attention import PagedContext, paged_attention
+from memshare.layers.cpu_kernels import cpu_ops, kernel_applies
 from memshare.layers.fused import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
-from memshare.layers.linear import fuse_linears
+from memshare.layers.linear import PanelLinear, fuse_linears
 
 
 class PagedDecoderLayer(nn.Module):
@@ -44,6 +45,19 @@ class PagedDecoderLayer(nn.Module):
                                               self.post_attention_norm.weight, self.eps)
         return self.down_proj(silu_and_mul(self.gate_up_proj(hidden))), residual
 
+    def stack_args(self) -> tuple[list[torch.Tensor], list[int]] | None:
+        """This layer's weights and shapes as cpu_kernels' decode_layers reads them; None unless all are panels."""
+        linears = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+        if not all(isinstance(linear, PanelLinear) for linear in linears):
+            return None
+        weights = [self.input_norm.weight, self.post_attention_norm.weight]
+        shapes = []
+        for linear in linears:
+            data, d, m, bias, bits, n, group = linear.kernel_args
+            weights += [data, d, m, bias]
+            shapes += [bits, n, group]
+        return weights, shapes
+
 
 class PagedLlamaForCausalLM(nn.Module):
     """The decoder of a loaded HF Llama-family model, run on the flat batch; takes over its decoder layers."""
@@ -56,20 +70,43 @@ class PagedLlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(PagedDecoderLayer(layer) for layer in base.layers)
         # The fused copies replace the HF projections; dropping the HF layers keeps one copy of each weight.
         base.layers = nn.ModuleList()
+        self._stack: tuple[list[torch.Tensor], list[int]] | None = None
 
     @staticmethod
     def applies(model: PreTrainedModel) -> bool:
         """Whether a model of a Llama-family type (models/registry.py: LEAN_MODELS) has what this forward runs."""
         return model.config.hidden_act == "silu" and hasattr(model.model, "rotary_emb")
 
+    def _runs_stack(self, hidden: torch.Tensor, paged: PagedContext) -> bool:
+        """Whether this step runs as one decode_layers call: single-token decodes only, on the CPU backend, float32
+        KV, panel weights, and no policy reading the queries."""
+        if paged.metadata.prefills or paged.backend != "cpu" or paged.decode_queries is not None:
+            return False
+        if not kernel_applies(hidden) or paged.kv_cache.float32_planes() is None:
+            return False
+        if self._stack is None:
+            parts = [layer.stack_args() for layer in self.layers]
+            if any(part is None for part in parts):
+                return False
+            self._stack = ([w for weights, _ in parts for w in weights], [s for _, shapes in parts for s in shapes])
+        return True
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_rows: torch.Tensor,
                 paged: PagedContext) -> torch.Tensor:
         """input_ids, positions [T] -> logits [len(logits_rows), vocab]."""
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(hidden, positions.unsqueeze(0))
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, cos[0], sin[0], paged)
+        if self._runs_stack(hidden, paged):
+            weights, shapes = self._stack
+            first, meta = self.layers[0], paged.metadata
+            hidden, residual = cpu_ops().decode_layers(
+                hidden, cos[0], sin[0], meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
+                weights, shapes, paged.kv_cache.float32_planes(), first.q_size // first.head_dim,
+                first.kv_size // first.head_dim, first.head_dim, first.eps, first.scale)
+        else:
+            residual = None
+            for layer in self.layers:
+                hidden, residual = layer(hidden, residual, cos[0], sin[0], paged)
         hidden, _ = fused_add_rms_norm(hidden.index_select(0, logits_rows), residual.index_select(0, logits_rows),
                                        self.norm.weight, self.norm.variance_epsilon)
         return self.lm_head(hidden)
