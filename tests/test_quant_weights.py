@@ -18,13 +18,18 @@ from memshare.models.loader import cpu_has_bf16
 from .conftest import MODEL
 
 pytestmark = pytest.mark.skipif(not panels_available(), reason="the panel kernel needs AVX2, FMA and a compiler")
-# Up to 12 rows (int4) or 24 (int8) run register tiles on codes, more dequantize each panel (130: two row blocks).
-ROWS = (1, 5, 10, 20, 40, 130)
-
+ROWS = (1, 5, 10, 40, 130)  # tiles of 4 integer rows, 6 float rows; 130 rows: two row blocks
 
 def close(actual: torch.Tensor, expected: torch.Tensor, k: int) -> None:
     """Within float32 rounding of a k-term sum with its terms' own magnitude (reassociated, fused multiply-adds)."""
     torch.testing.assert_close(actual, expected, rtol=0, atol=4e-6 * k ** 0.5 * expected.abs().max().item() + 1e-6)
+
+
+def q8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the panel kernel quantizes it: int8 codes per 32 inputs, scale max|x| / 127."""
+    groups = x.unflatten(-1, (-1, 32))
+    amax = groups.abs().amax(-1, keepdim=True)
+    return (torch.round(groups * (127 / amax)) * (amax / 127)).flatten(-2)
 
 
 @pytest.mark.parametrize("rows", ROWS)
@@ -37,12 +42,20 @@ def test_float32_panels_equal_torch(rows):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("rows", ROWS)
-def test_quantized_linear_equals_dequantize_then_matmul(bits, rows):
+def test_quantized_linear_equals_dequantize_then_matmul_on_int8_activations(bits, rows):
+    """The kernel computes x's int8 codes (per 32 inputs) times the dequantized weight, the minimum term on x
+    itself; that is within half an activation step per input of the float product."""
     torch.manual_seed(bits)
     weight, x = torch.randn(50, 128), torch.randn(2, rows, 128)  # leading dims flatten like nn.Linear's
     quantized = quantize_rows(weight, bits)
     layer = PanelLinear(quantized, None)
-    close(layer(x), F.linear(x, quantized.dequantize()), 128)
+    group = 128 // quantized.scale.shape[1]
+    minimum = F.linear(x, quantized.zero.repeat_interleave(group, 1)) if quantized.zero is not None else 0
+    steps = quantized.codes.float() * quantized.scale.repeat_interleave(group, 1)
+    y = layer(x)
+    close(y, F.linear(q8_activations(x), steps) + minimum, 128)
+    half_step = (x.unflatten(-1, (-1, 32)).abs().amax(-1) / 254).repeat_interleave(32, -1)
+    assert ((y - F.linear(x, quantized.dequantize())).abs() <= F.linear(half_step, steps.abs()) * 1.001 + 1e-5).all()
     unpacked = layer.weight_rows()
     assert torch.equal(unpacked.codes, quantized.codes) and torch.equal(unpacked.scale, quantized.scale)
 
@@ -81,13 +94,16 @@ def gguf_llm() -> LLM:
 
 
 def test_gguf_codes_give_float32s_greedy_tokens(gguf_llm, prompts, hf_greedy):
-    """smollm2-135m's float32 weights are its Q4_1 file dequantized: run on the codes, greedy decoding equals
-    Hugging Face's float32 (all 64 tokens of all 8 prompts, as measured)."""
+    """smollm2-135m's float32 weights are its Q4_1 file dequantized, so run on the codes greedy decoding follows
+    Hugging Face's float32 until the int8 rounding of the activations (as GGUF's own kernels do) tips a near tie.
+    Measured: [64, 28, 1, 12, 9, 34, 10, 7] tokens agree; the bound below allows little less."""
     layers = [m for m in gguf_llm.llm_engine.model_runner.paged_model.modules() if isinstance(m, PanelLinear)]
     assert len(layers) == 30 * 4 + 1 and {m.bits for m in layers} == {4, 8}  # Q4_1 layers, Q8_0 tied lm_head
     outputs = gguf_llm.generate([{"prompt_token_ids": p} for p in prompts],
                                 SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy
+    agree = [next((i for i, (a, b) in enumerate(zip(o.outputs[0].token_ids, ref)) if a != b), 64)
+             for o, ref in zip(outputs, hf_greedy)]
+    assert sum(n >= 4 for n in agree) >= 6 and max(agree) == 64, agree
 
 
 def test_decode_steps_run_as_one_call_with_hfs_tokens(llm, prompts, hf_greedy, monkeypatch):
@@ -111,6 +127,11 @@ def test_decode_steps_run_as_one_call_with_hfs_tokens(llm, prompts, hf_greedy, m
 def test_weight_formats_that_cannot_run_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         LLM(**{"model": MODEL, "log_stats_interval": 0, **kwargs})
+
+
+def test_quantization_groups_the_kernel_cannot_run_are_refused():
+    with pytest.raises(QuantizationError, match="multiples of 32"):
+        PanelLinear(quantize_rows(torch.randn(16, 64), 4, group_size=16), None)
 
 
 def test_gguf_quantization_needs_a_gguf_file(tmp_path, model_dir):

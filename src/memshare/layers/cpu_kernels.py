@@ -23,6 +23,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -292,15 +293,16 @@ torch::Tensor silu_and_mul(torch::Tensor x) {
 """
 
 _LINEAR_SOURCE = r"""
-// Linear layers on weights stored in panels of NR = 16 output channels, [panels, K, NR]: a decode step streams each
-// panel once, in order, through two 8-float registers per row of x, dequantizing int8 and int4 codes in registers.
-// oneDNN's GEMV at one row spends ~50 us a call on small shapes here; these run at ~27 GB/s (the machine reads
-// ~36) and match oneDNN from 32 rows on. Quantized codes carry one scale d (and, asymmetric, a minimum m) per
-// output channel and group of G inputs: w = d * q + m, GGUF's Q8_0, Q4_0 and Q4_1 blocks exactly.
+// Linear layers on weights stored in panels of NR = 16 output channels: a decode step streams each panel once, in
+// order. Float32 panels [panels, K, NR] run through two 8-float registers per row of x: oneDNN's GEMV at one row
+// spends ~50 us a call on small shapes here; these run at ~27 GB/s (the machine reads ~36) and match oneDNN from 32
+// rows on. Quantized codes carry one scale d (and, asymmetric, a minimum m) per output channel and group of G
+// inputs, w = d * q + m (GGUF's Q8_0, Q4_0 and Q4_1 blocks exactly), and meet x as int8 codes in integer dot
+// products, as GGUF's own CPU and CUDA kernels do: at one row 2-3x faster than decoding the codes to float.
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-constexpr int64_t NR = 16, MR_MAX = 6, MB = 96;
+constexpr int64_t NR = 16, MR_MAX = 6, MI_MAX = 4, MB = 96;
 
 // Named accumulators: GCC keeps an array of 12 vectors on the stack, 2x slower.
 #define MS_ROWS(OP) OP(0) OP(1) OP(2) OP(3) OP(4) OP(5)
@@ -323,114 +325,127 @@ static inline void tile_f32(const float* __restrict__ x, int64_t ldx, const floa
 }
 
 struct PanelWeights {
-  int64_t bits;  // 32: float32 panels [P, K, NR]; 8: int8 codes [P, K, NR]; 4: int4 codes [P, K/2, NR], row k in
-                 // the low nibble and row k + 1 in the high nibble of one byte
+  int64_t bits;  // 32: float32 panels [P, K, NR]; 8: int8 codes [P, K/4, NR, 4], four consecutive inputs of a
+                 // channel side by side; 4: [P, K/4, 8, 4] bytes, channels 0-7 in the low nibbles, 8-15 in the high
   const void* data;
   const float *d, *m;  // [P, K/G, NR]; m null for symmetric codes
   int64_t K, N, G;
   int64_t panel_bytes() const { return K * NR * bits / 8; }
 };
 
-// Rows k and k + 1 of a quantized panel as four 8-float vectors (row k: w[0], w[1]).
-template <int BITS>
-static inline void decode_rows(const uint8_t* __restrict__ codes, int64_t k, __m256 (&w)[4]) {
-  auto to_float = [](__m128i b, bool is_signed) {
-    return _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
-  };
-  if constexpr (BITS == 4) {
-    const __m128i low4 = _mm_set1_epi8(15);
-    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (k / 2) * NR));
-    const __m128i lo = _mm_and_si128(c, low4), hi = _mm_and_si128(_mm_srli_epi16(c, 4), low4);
-    w[0] = to_float(lo, false); w[1] = to_float(_mm_srli_si128(lo, 8), false);
-    w[2] = to_float(hi, false); w[3] = to_float(_mm_srli_si128(hi, 8), false);
-  } else {
-    const __m128i c0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + k * NR));
-    const __m128i c1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + (k + 1) * NR));
-    w[0] = to_float(c0, true); w[1] = to_float(_mm_srli_si128(c0, 8), true);
-    w[2] = to_float(c1, true); w[3] = to_float(_mm_srli_si128(c1, 8), true);
+// x quantized to int8 per row and QK inputs (GGUF's Q8 activations): xq, their scales sx [M, K/QK], and x's exact
+// sums per weight group (xsum [M, K/G]) for the minimum term. Integer dot products then do 32 (int4) or 16 (int8)
+// multiply-adds per instruction where float needs a decode and two FMAs per 8.
+constexpr int64_t QK = 32;
+struct QuantizedX {
+  std::vector<int8_t> q;
+  std::vector<float> scale, sum;
+  QuantizedX(const float* x, int64_t M, int64_t K, int64_t G) : q(M * K), scale(M * K / QK), sum(M * K / G) {
+    for (int64_t i = 0; i < M * K / QK; ++i) {
+      const float* xi = x + i * QK;
+      float amax = 0.f;
+      for (int64_t j = 0; j < QK; ++j) amax = std::max(amax, std::abs(xi[j]));
+      scale[i] = amax / 127.f;
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int64_t j = 0; j < QK; ++j) q[i * QK + j] = static_cast<int8_t>(std::nearbyint(xi[j] * inv));
+    }
+    for (int64_t i = 0; i < M * K / G; ++i) sum[i] = std::accumulate(x + i * G, x + (i + 1) * G, 0.f);
   }
-}
+};
 
-#define MQ_FMA(r) if constexpr (MR > r) { \
-    const __m256 a0 = _mm256_broadcast_ss(x + r * ldx + k), a1 = _mm256_broadcast_ss(x + r * ldx + k + 1); \
-    c##r##a = _mm256_fmadd_ps(a1, w[2], _mm256_fmadd_ps(a0, w[0], c##r##a)); \
-    c##r##b = _mm256_fmadd_ps(a1, w[3], _mm256_fmadd_ps(a0, w[1], c##r##b)); }
-#define MQ_SCALE(r) if constexpr (MR > r) { scale_add(c##r##a, c##r##b, out + r * NR, xsum[r * ngroups + g]); }
+#define MI_ROWS(OP) OP(0) OP(1) OP(2) OP(3)  // MI_MAX rows: more spill the integer accumulators
+#define MI_DECL(r) __m256i i##r##a = _mm256_setzero_si256(), i##r##b = _mm256_setzero_si256();
+#define MI_DOT4(r) if constexpr (MR > r) { const __m256i xb = _mm256_set1_epi32(xw[r * K / 4 + j]); \
+    i##r##a = _mm256_add_epi16(i##r##a, _mm256_maddubs_epi16(w0, xb)); \
+    i##r##b = _mm256_add_epi16(i##r##b, _mm256_maddubs_epi16(w1, xb)); }
+#define MI_DOT8(r) if constexpr (MR > r) { const __m256i xb = _mm256_set1_epi32(xw[r * K / 4 + j]); \
+    i##r##a = _mm256_add_epi32(i##r##a, _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(xb, w0)), ones)); \
+    i##r##b = _mm256_add_epi32(i##r##b, _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(xb, w1)), ones)); }
+#define MI_SCALE(r) if constexpr (MR > r) { \
+    if constexpr (BITS == 4) { \
+      i##r##a = _mm256_madd_epi16(i##r##a, ones); i##r##b = _mm256_madd_epi16(i##r##b, ones); } \
+    const __m256 s = _mm256_set1_ps(x.scale[(row0 + r) * nsub + sub]); float* o = out + r * NR; \
+    _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(i##r##a), _mm256_mul_ps(d0, s), _mm256_loadu_ps(o))); \
+    _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(i##r##b), _mm256_mul_ps(d1, s), \
+                                            _mm256_loadu_ps(o + 8))); }
 
-// out[MR][NR] = x[MR rows] @ dequant(panel) for a few rows (decode): per group the codes are accumulated in float
-// and scaled once, sum_k x_k (d q_k + m) = d * sum_k x_k q_k + m * sum_k x_k (xsum: x summed per group).
+// out[MR][NR] = xq[MR rows] . codes per QK inputs, scaled by d * sx; then + m * xsum per group. With 4-bit codes
+// (0..15) eight maddubs results fit int16 (8 * 2 * 15 * 127 < 2^15); signed int8 codes go through |w| and sign(x, w).
 template <int MR, int BITS>
-static inline void tile_quant(const float* __restrict__ x, int64_t ldx, const float* __restrict__ xsum,
-                              const PanelWeights& p, int64_t panel, float* __restrict__ out) {
-  const int64_t ngroups = p.K / p.G;
+static inline void tile_int(const QuantizedX& x, int64_t row0, const PanelWeights& p, int64_t panel,
+                            float* __restrict__ out) {
+  const int64_t K = p.K, nsub = K / QK, ngroups = K / p.G;
+  const int32_t* xw = reinterpret_cast<const int32_t*>(x.q.data() + row0 * K);
   const uint8_t* codes = static_cast<const uint8_t*>(p.data) + panel * p.panel_bytes();
   const float *d = p.d + panel * ngroups * NR, *m = p.m ? p.m + panel * ngroups * NR : nullptr;
+  const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
   std::fill(out, out + MR * NR, 0.f);
-  for (int64_t g = 0; g < ngroups; ++g) {
-    const float *dg = d + g * NR, *mg = m ? m + g * NR : nullptr;
-    auto scale_add = [&](__m256 lo, __m256 hi, float* o, float s) {
-      __m256 v[2] = {lo, hi};
-      for (int h = 0; h < 2; ++h) {
-        __m256 r = _mm256_fmadd_ps(v[h], _mm256_loadu_ps(dg + 8 * h), _mm256_loadu_ps(o + 8 * h));
-        if (mg) r = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_loadu_ps(mg + 8 * h), r);
-        _mm256_storeu_ps(o + 8 * h, r);
+  for (int64_t sub = 0; sub < nsub; ++sub) {
+    MI_ROWS(MI_DECL)
+    for (int64_t j = sub * QK / 4; j < (sub + 1) * QK / 4; ++j) {
+      if constexpr (BITS == 4) {
+        const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + j * 32));
+        const __m256i w0 = _mm256_and_si256(c, low4), w1 = _mm256_and_si256(_mm256_srli_epi16(c, 4), low4);
+        MI_ROWS(MI_DOT4)
+      } else {
+        const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + j * 64));
+        const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + j * 64 + 32));
+        const __m256i a0 = _mm256_abs_epi8(w0), a1 = _mm256_abs_epi8(w1);
+        MI_ROWS(MI_DOT8)
       }
-    };
-    MS_ROWS(MS_DECL)
-    for (int64_t k = g * p.G; k < (g + 1) * p.G; k += 2) {
-      __m256 w[4];
-      decode_rows<BITS>(codes, k, w);
-      MS_ROWS(MQ_FMA)
     }
-    MS_ROWS(MQ_SCALE)
+    const float* dg = d + (sub * QK / p.G) * NR;
+    const __m256 d0 = _mm256_loadu_ps(dg), d1 = _mm256_loadu_ps(dg + 8);
+    MI_ROWS(MI_SCALE)
   }
-}
-
-// A quantized panel as float [K][NR], for many rows (prefill), where dequantizing once beats doing it per tile.
-static void dequantize_panel(const PanelWeights& p, int64_t panel, float* __restrict__ out) {
-  const int64_t ngroups = p.K / p.G;
-  const uint8_t* codes = static_cast<const uint8_t*>(p.data) + panel * p.panel_bytes();
-  for (int64_t k = 0; k < p.K; k += 2) {
-    __m256 w[4];
-    if (p.bits == 4) decode_rows<4>(codes, k, w); else decode_rows<8>(codes, k, w);
-    const int64_t g = panel * ngroups * NR + (k / p.G) * NR;
-    for (int h = 0; h < 4; ++h) {
-      const int64_t col = (h % 2) * 8;
-      __m256 v = _mm256_mul_ps(w[h], _mm256_loadu_ps(p.d + g + col));
-      if (p.m) v = _mm256_add_ps(v, _mm256_loadu_ps(p.m + g + col));
-      _mm256_storeu_ps(out + (k + h / 2) * NR + col, v);
+  for (int64_t g = 0; m && g < ngroups; ++g) {
+    const __m256 m0 = _mm256_loadu_ps(m + g * NR), m1 = _mm256_loadu_ps(m + g * NR + 8);
+    for (int64_t r = 0; r < MR; ++r) {
+      const __m256 s = _mm256_set1_ps(x.sum[(row0 + r) * ngroups + g]);
+      _mm256_storeu_ps(out + r * NR, _mm256_fmadd_ps(m0, s, _mm256_loadu_ps(out + r * NR)));
+      _mm256_storeu_ps(out + r * NR + 8, _mm256_fmadd_ps(m1, s, _mm256_loadu_ps(out + r * NR + 8)));
     }
   }
 }
 
-template <int MR>
-static void tile(const PanelWeights& p, int64_t panel, const float* x, const float* xsum, const float* dequantized,
-                 float* out) {
-  if (p.bits == 32) tile_f32<MR>(x, p.K, static_cast<const float*>(p.data) + panel * p.K * NR, p.K, out);
-  else if (dequantized) tile_f32<MR>(x, p.K, dequantized, p.K, out);
-  else if (p.bits == 4) tile_quant<MR, 4>(x, p.K, xsum, p, panel, out);
-  else tile_quant<MR, 8>(x, p.K, xsum, p, panel, out);
+template <int BITS>
+static void int_tiles(const PanelWeights& p, int64_t panel, const QuantizedX& xq, int64_t row0, int64_t M,
+                      float* acc) {
+  for (int64_t r = 0; r < M; r += MI_MAX) {
+    switch (std::min(MI_MAX, M - r)) {
+      case 1: tile_int<1, BITS>(xq, row0 + r, p, panel, acc + r * NR); break;
+      case 2: tile_int<2, BITS>(xq, row0 + r, p, panel, acc + r * NR); break;
+      case 3: tile_int<3, BITS>(xq, row0 + r, p, panel, acc + r * NR); break;
+      default: tile_int<4, BITS>(xq, row0 + r, p, panel, acc + r * NR); break;
+    }
+  }
 }
 
-// y[:M, panel's columns] = x[:M] @ panel + bias, M <= MB; acc holds MB x NR floats.
-static void panel_rows(const PanelWeights& p, int64_t panel, const float* x, const float* xsum, int64_t M,
-                       const float* dequantized, const float* bias, float* y, float* acc) {
-  const int64_t ngroups = p.bits == 32 ? 0 : p.K / p.G;
+static void f32_tiles(const PanelWeights& p, int64_t panel, const float* x, int64_t M, float* acc) {
+  const float* w = static_cast<const float*>(p.data) + panel * p.K * NR;
   for (int64_t r = 0; r < M; r += MR_MAX) {
-    const float *xr = x + r * p.K, *sr = xsum ? xsum + r * ngroups : nullptr;
-    float* ar = acc + r * NR;
+    const float* xr = x + r * p.K;
     switch (std::min(MR_MAX, M - r)) {
-      case 1: tile<1>(p, panel, xr, sr, dequantized, ar); break;
-      case 2: tile<2>(p, panel, xr, sr, dequantized, ar); break;
-      case 3: tile<3>(p, panel, xr, sr, dequantized, ar); break;
-      case 4: tile<4>(p, panel, xr, sr, dequantized, ar); break;
-      case 5: tile<5>(p, panel, xr, sr, dequantized, ar); break;
-      default: tile<6>(p, panel, xr, sr, dequantized, ar); break;
+      case 1: tile_f32<1>(xr, p.K, w, p.K, acc + r * NR); break;
+      case 2: tile_f32<2>(xr, p.K, w, p.K, acc + r * NR); break;
+      case 3: tile_f32<3>(xr, p.K, w, p.K, acc + r * NR); break;
+      case 4: tile_f32<4>(xr, p.K, w, p.K, acc + r * NR); break;
+      case 5: tile_f32<5>(xr, p.K, w, p.K, acc + r * NR); break;
+      default: tile_f32<6>(xr, p.K, w, p.K, acc + r * NR); break;
     }
   }
+}
+
+// y[row0:row0 + M, panel's columns] = x @ panel + bias, M <= MB; acc holds MB x NR floats. Quantized weights run
+// on xq, x's int8 codes.
+static void panel_rows(const PanelWeights& p, int64_t panel, const float* x, const QuantizedX* xq, int64_t row0,
+                       int64_t M, const float* bias, float* y, float* acc) {
+  if (!xq) f32_tiles(p, panel, x + row0 * p.K, M, acc);
+  else if (p.bits == 4) int_tiles<4>(p, panel, *xq, row0, M, acc);
+  else int_tiles<8>(p, panel, *xq, row0, M, acc);
   const int64_t n0 = panel * NR, cols = std::min(NR, p.N - n0);
   for (int64_t r = 0; r < M; ++r)
-    for (int64_t j = 0; j < cols; ++j) y[r * p.N + n0 + j] = acc[r * NR + j] + (bias ? bias[n0 + j] : 0.f);
+    for (int64_t j = 0; j < cols; ++j) y[(row0 + r) * p.N + n0 + j] = acc[r * NR + j] + (bias ? bias[n0 + j] : 0.f);
 }
 
 // x [..., K] -> [..., N]. Threads split the panels; rows go in blocks of MB so a block of x stays in cache.
@@ -444,24 +459,15 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor data, torch::Tensor d,
   const PanelWeights p{bits, data.data_ptr(), d.numel() ? d.data_ptr<float>() : nullptr,
                        m.numel() ? m.data_ptr<float>() : nullptr, K, N, G};
   const float* xp = x.data_ptr<float>();
-  // Few rows decode codes in registers, once per tile of 6 rows; more rows dequantize each panel once into a buffer.
-  // Measured crossover (smollm2-135m decode): int8 codes are cheap to decode, direct wins to 24 rows; int4 to ~12.
-  const bool quant = bits != 32, direct = quant && M <= (bits == 8 ? 4 : 2) * MR_MAX;
-  const int64_t ngroups = quant ? K / G : 0;
-  std::vector<float> xsum(direct ? M * ngroups : 0);
-  for (int64_t i = 0; i < static_cast<int64_t>(xsum.size()); ++i)
-    xsum[i] = std::accumulate(xp + (i / ngroups) * K + (i % ngroups) * G,
-                              xp + (i / ngroups) * K + (i % ngroups + 1) * G, 0.f);
+  TORCH_CHECK(bits == 32 || G % QK == 0, "panel_linear: quantization groups must be multiples of ", QK, " inputs");
+  const std::unique_ptr<QuantizedX> xq(bits != 32 ? new QuantizedX(xp, M, K, G) : nullptr);
   const float* bp = bias.numel() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(MB * NR), dequantized(quant && !direct ? K * NR : 0);
+    std::vector<float> acc(MB * NR);
     for (int64_t r = 0; r < M; r += MB)
-      for (int64_t panel = begin; panel < end; ++panel) {
-        if (!dequantized.empty()) dequantize_panel(p, panel, dequantized.data());
-        panel_rows(p, panel, xp + r * K, direct ? xsum.data() : nullptr, std::min(MB, M - r),
-                   dequantized.empty() ? nullptr : dequantized.data(), bp, yp + r * N, acc.data());
-      }
+      for (int64_t panel = begin; panel < end; ++panel)
+        panel_rows(p, panel, xp, xq.get(), r, std::min(MB, M - r), bp, yp, acc.data());
   });
   return y;
 }

@@ -1,11 +1,12 @@
 """Linear layers for CPU inference, their weights repacked once at load.
 
 A decode step streams every weight from DRAM once. The panel kernel (layers/cpu_kernels.py) reads weights stored as
-panels of 16 output channels, [panels, in_features, 16], in float32 or as quantized codes with a scale (and a
-minimum) per output channel and group of 32 inputs: int8 (GGUF's Q8_0) and int4 (Q4_1, and Q4_0 with minimum -8
-scale). At one row of input it runs at ~27 GB/s where oneDNN spends ~50 us a call on small shapes; from 32 rows on
-it matches oneDNN. Where the kernel cannot build (no compiler, no AVX2), float32 weights go to oneDNN's blocked
-layout instead (1.1-2.2x faster than `F.linear` on a plain [out, in] weight), the way vLLM's CPU backend packs them.
+panels of 16 output channels, in float32 or as quantized codes with a scale (and a minimum) per output channel and
+group of 32 inputs: int8 (GGUF's Q8_0) and int4 (Q4_1, and Q4_0 with minimum -8 scale). Quantized weights meet the
+input rounded to int8 per 32 values, in integer dot products, as GGUF's kernels do. At one row of input it runs at
+~27 GB/s where oneDNN spends ~50 us a call on small shapes; from 32 rows on it matches oneDNN. Where the kernel
+cannot build (no compiler, no AVX2), float32 weights go to oneDNN's blocked layout instead (1.1-2.2x faster than
+`F.linear` on a plain [out, in] weight), the way vLLM's CPU backend packs them.
 """
 
 from dataclasses import dataclass
@@ -70,6 +71,18 @@ def _unpanel(panels: torch.Tensor, n: int) -> torch.Tensor:
     return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:n]
 
 
+def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, K] codes -> the kernel's panels: four consecutive inputs of a channel side by side, [P, K/4, 16, 4]
+    (int8); for int4, channels 0-7 of those in the low nibbles and 8-15 in the high ones, [P, K/4, 8, 4]."""
+    quads = _panels(codes).unflatten(1, (-1, 4)).transpose(2, 3).contiguous()  # [P, K/4, 16, 4]
+    return quads[:, :, :8] | (quads[:, :, 8:] << 4) if bits == 4 else quads
+
+
+def _unpack_codes(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    quads = torch.cat([data & 15, data >> 4], 2) if bits == 4 else data
+    return _unpanel(quads.transpose(2, 3).flatten(1, 2), n)
+
+
 class PanelLinear(nn.Module):
     """`nn.Linear` in inference on float32 or quantized weights in panels, run by the CPU panel kernel."""
 
@@ -79,14 +92,11 @@ class PanelLinear(nn.Module):
         self.out_features, self.in_features = (weight.codes if quantized else weight).shape
         self.bits = weight.bits if quantized else 32
         self.group_size = self.in_features // weight.scale.shape[1] if quantized else 0
+        if self.group_size % GROUP_SIZE:  # the kernel rounds x per 32 inputs, within one weight group
+            raise QuantizationError(f"quantization groups of {self.group_size} inputs; the kernel needs multiples "
+                                    f"of {GROUP_SIZE}")
         empty = torch.empty(0)
-        if not quantized:
-            data = _panels(weight.detach().float())
-        elif self.bits == 4:
-            nibbles = _panels(weight.codes)  # [P, K, 16]: rows k and k + 1 share a byte, low nibble first
-            data = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-        else:
-            data = _panels(weight.codes)
+        data = _panels(weight.detach().float()) if not quantized else _pack_codes(weight.codes, self.bits)
         self.register_buffer("data", data)
         self.register_buffer("scale", _panels(weight.scale) if quantized else empty)
         self.register_buffer("zero", _panels(weight.zero) if quantized and weight.zero is not None else empty)
@@ -104,10 +114,7 @@ class PanelLinear(nn.Module):
         n = self.out_features
         if self.bits == 32:
             return _unpanel(self.data, n)
-        codes = self.data
-        if self.bits == 4:
-            codes = torch.stack([codes & 15, codes >> 4], 2).flatten(1, 2)
-        return QuantizedRows(_unpanel(codes, n), _unpanel(self.scale, n),
+        return QuantizedRows(_unpack_codes(self.data, self.bits, n), _unpanel(self.scale, n),
                              _unpanel(self.zero, n) if self.zero.numel() else None, self.bits)
 
     def extra_repr(self) -> str:
