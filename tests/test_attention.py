@@ -10,7 +10,7 @@ from memshare.layers.attention import AttentionMetadata, PrefillSpan, decode_att
 from memshare.layers.kv_cache import KVCache, kv_format
 from memshare.layers.linear import prepack_linear_layers
 
-BLOCK_SIZE, KV_HEADS, HEADS, DIM, NUM_BLOCKS = 4, 2, 6, 8, 32
+BLOCK_SIZE, KV_HEADS, HEADS, DIM, NUM_BLOCKS = 4, 2, 6, 8, 64
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_pos: int) -> torch.Tensor:
@@ -50,7 +50,7 @@ def test_paged_attention_matches_dense(path, kv_cache_dtype, monkeypatch):
     cache = KVCache(kv_format(kv_cache_dtype, torch.float32), 1, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, DIM,
                     torch.float32, torch.device("cpu"), num_tail_blocks=4)
     free = torch.randperm(NUM_BLOCKS, generator=generator).tolist()
-    lengths = [5, 9, 1, 16]
+    lengths = [5, 9, 1, 16, 130]
     seqs = [scatter(n, generator, cache, free) for n in lengths]
     width = max(len(t) for t, _, _ in seqs)
     tables = torch.tensor([t + [0] * (width - len(t)) for t, _, _ in seqs])
@@ -60,9 +60,12 @@ def test_paged_attention_matches_dense(path, kv_cache_dtype, monkeypatch):
     for row, (n, (_, k, v)) in enumerate(zip(lengths, seqs)):
         expected = dense_attention(q[row : row + 1], k, v, n - 1)
         torch.testing.assert_close(out[row : row + 1].double(), expected, atol=1e-5, rtol=1e-5)
-    # Fewer sequences than threads split by KV head instead: same results.
-    single = AttentionMetadata(meta.slot_mapping, 1, tables[1:2], meta.decode_context_lens[1:2], [])
-    torch.testing.assert_close(decode_attention(q[1:2], cache, 0, single, DIM**-0.5), out[1:2])
+    # Fewer sequences than threads split by KV head instead, a long context into parts combined afterwards: same
+    # results.
+    for row in (1, 4):
+        single = AttentionMetadata(meta.slot_mapping, 1, tables[row : row + 1], meta.decode_context_lens[row : row + 1],
+                                   [])
+        torch.testing.assert_close(decode_attention(q[row : row + 1], cache, 0, single, DIM**-0.5), out[row : row + 1])
 
     table, k, v = seqs[3]
     for start in (0, 6):  # a fresh prompt, and a chunk after 6 cached tokens

@@ -120,63 +120,101 @@ static inline const float* load_row(const Plane& p, const Layout& l, int64_t blk
 
 // q [B, H, D]; block_tables [B, W]; context_lens [B]. One work item is a sequence with all its KV heads, so that
 // each token's keys (and values) of every head, contiguous in the cache, are read in one sequential sweep; with
-// fewer sequences than threads an item is one KV head of one sequence. Quantized rows are dequantized into a
-// D-float buffer per row, never into a copy of the cache.
+// fewer sequences than threads an item is one KV head of one sequence, and its context is split into S parts
+// combined afterwards (flash-decoding), so that one long chain of thought keeps every thread busy. Quantized rows
+// are dequantized into a D-float buffer per row, never into a copy of the cache.
 template <int CODE>
 static void decode_impl(const float* qp, float* op, const Plane& K, const Plane& V, const Layout& l,
                         const int64_t* tables, const int64_t* lens, int64_t B, int64_t H, int64_t W, float fscale) {
-  const int64_t D = l.D, BS = l.BS, G = H / l.KVH;
-  const int64_t heads_per_item = B >= 2 * at::get_num_threads() ? l.KVH : 1;
-  const int64_t items_per_seq = l.KVH / heads_per_item;
-  at::parallel_for(0, B * items_per_seq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> score_buf, acc_buf(heads_per_item * G * D), q_buf(heads_per_item * G * D), row_buf(D);
+  const int64_t D = l.D, BS = l.BS, G = H / l.KVH, threads = at::get_num_threads();
+  const int64_t heads_per_item = B >= 2 * threads ? l.KVH : 1;
+  const int64_t items_per_seq = l.KVH / heads_per_item, R = heads_per_item * G;  // R: query rows of an item
+  const int64_t max_len = *std::max_element(lens, lens + B);
+  const int64_t S = std::max<int64_t>(1, std::min((2 * threads + B * items_per_seq - 1) / (B * items_per_seq),
+                                                  max_len / 64));
+  // Per item and split: the running max and sum of each query row's scores, and its unnormalized output.
+  std::vector<float> part_max(S > 1 ? B * items_per_seq * S * R : 0), part_sum(part_max.size()),
+      part_out(part_max.size() * D);
+  at::parallel_for(0, B * items_per_seq * S, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> score_buf, acc_buf(R * D), q_buf(R * D), row_buf(D);
     ChannelScales k_channels(heads_per_item, D), v_channels(heads_per_item, D);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t work = begin; work < end; ++work) {
+      const int64_t item = work / S, split = work % S;
       const int64_t b = item / items_per_seq, h0 = (item % items_per_seq) * heads_per_item, L = lens[b];
-      const int64_t R = heads_per_item * G;  // query rows of this item
-      score_buf.resize(R * L);
+      const int64_t chunk = (L + S - 1) / S, t0 = std::min(L, split * chunk), t1 = std::min(L, t0 + chunk);
+      const int64_t n = t1 - t0;
+      score_buf.resize(R * std::max<int64_t>(n, 1));
       float* __restrict__ scores = score_buf.data();
       float* __restrict__ acc = acc_buf.data();
       float* __restrict__ qs = q_buf.data();
       const float* qb = qp + (b * H + h0 * G) * D;
       for (int64_t i = 0; i < R * D; ++i) qs[i] = qb[i] * fscale;
       const int64_t* table = tables + b * W;
-      for (int64_t t = 0; t < L; ++t) {
+      for (int64_t t = t0, blk = t0 / BS, off = t0 % BS; t < t1; ++t, off = off + 1 == BS ? 0 : off + 1,
+           blk += off == 0) {  // no division per token
         for (int64_t hh = 0; hh < heads_per_item; ++hh) {
-          const float* __restrict__ kh = load_row<CODE>(K, l, table[t / BS], t % BS, h0 + hh, row_buf.data(),
+          const float* __restrict__ kh = load_row<CODE>(K, l, table[blk], off, h0 + hh, row_buf.data(),
                                                              k_channels);
           for (int64_t g = 0; g < G; ++g) {
             const float* __restrict__ qr = qs + (hh * G + g) * D;
             float dot = 0.f;
             for (int64_t d = 0; d < D; ++d) dot += qr[d] * kh[d];
-            scores[(hh * G + g) * L + t] = dot;
+            scores[(hh * G + g) * n + t - t0] = dot;
           }
         }
       }
-      for (int64_t r = 0; r < R; ++r) {
-        float* s = scores + r * L;
+      std::vector<float> row_max(R, -INFINITY), row_sum(R, 0.f);
+      for (int64_t r = 0; r < R && n > 0; ++r) {
+        float* s = scores + r * n;
         float m = s[0];
-        for (int64_t t = 1; t < L; ++t) m = std::max(m, s[t]);
+        for (int64_t t = 1; t < n; ++t) m = std::max(m, s[t]);
         float sum = 0.f;
-        for (int64_t t = 0; t < L; ++t) { s[t] = fast_exp(s[t] - m); sum += s[t]; }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < L; ++t) s[t] *= inv;
+        for (int64_t t = 0; t < n; ++t) { s[t] = fast_exp(s[t] - m); sum += s[t]; }
+        const float inv = S > 1 ? 1.f : 1.f / sum;  // split parts stay unnormalized until combined
+        for (int64_t t = 0; t < n; ++t) s[t] *= inv;
+        row_max[r] = m;
+        row_sum[r] = sum;
       }
       std::fill(acc, acc + R * D, 0.f);
-      for (int64_t t = 0; t < L; ++t) {
+      for (int64_t t = t0, blk = t0 / BS, off = t0 % BS; t < t1; ++t, off = off + 1 == BS ? 0 : off + 1,
+           blk += off == 0) {  // no division per token
         for (int64_t hh = 0; hh < heads_per_item; ++hh) {
-          const float* __restrict__ vh = load_row<CODE>(V, l, table[t / BS], t % BS, h0 + hh, row_buf.data(),
+          const float* __restrict__ vh = load_row<CODE>(V, l, table[blk], off, h0 + hh, row_buf.data(),
                                                              v_channels);
           for (int64_t g = 0; g < G; ++g) {
-            const float p = scores[(hh * G + g) * L + t];
+            const float p = scores[(hh * G + g) * n + t - t0];
             float* __restrict__ a = acc + (hh * G + g) * D;
             for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
           }
         }
       }
-      std::copy(acc, acc + R * D, op + (b * H + h0 * G) * D);
+      if (S == 1) {
+        std::copy(acc, acc + R * D, op + (b * H + h0 * G) * D);
+      } else {
+        std::copy(row_max.begin(), row_max.end(), part_max.begin() + work * R);
+        std::copy(row_sum.begin(), row_sum.end(), part_sum.begin() + work * R);
+        std::copy(acc, acc + R * D, part_out.begin() + work * R * D);
+      }
     }
   });
+  if (S == 1) return;
+  for (int64_t item = 0; item < B * items_per_seq; ++item) {
+    const int64_t b = item / items_per_seq, h0 = (item % items_per_seq) * heads_per_item;
+    for (int64_t r = 0; r < R; ++r) {
+      float m = -INFINITY, sum = 0.f;
+      for (int64_t split = 0; split < S; ++split) m = std::max(m, part_max[(item * S + split) * R + r]);
+      float* o = op + (b * H + h0 * G + r) * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t split = 0; split < S; ++split) {
+        const int64_t i = (item * S + split) * R + r;
+        if (part_sum[i] == 0.f) continue;  // an empty split
+        const float w = fast_exp(part_max[i] - m);
+        sum += w * part_sum[i];
+        for (int64_t d = 0; d < D; ++d) o[d] += w * part_out[i * D + d];
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] /= sum;
+    }
+  }
 }
 
 static Plane plane(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero, int64_t mode,
