@@ -163,13 +163,13 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    fig, ax = new_figure(size=(6, 3.5))
+    fig, ax = new_figure(size=(8.5, 3.5))
     for engine in dict.fromkeys(r["engine"] for r in rows):
         points = sorted((r["batch"], r["decode_tokens_per_s"]) for r in rows if r["engine"] == engine)
         ax.plot(*zip(*points), marker="o", label=engine)
     ax.set(xscale="log", xlabel="batch (parallel sequences)", ylabel="decode tok/s (higher is better)")
     ax.set_xticks(sorted({r["batch"] for r in rows}), [str(b) for b in sorted({r["batch"] for r in rows})])
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: lines fill them
     save_figure(fig, path)
 
 

@@ -93,17 +93,19 @@ def gguf_llm() -> LLM:
     return LLM(model=MODEL, kv_cache_memory="64MiB", quantization="gguf", log_stats_interval=0)
 
 
-def test_gguf_codes_give_float32s_greedy_tokens(gguf_llm, prompts, hf_greedy):
-    """smollm2-135m's float32 weights are its Q4_1 file dequantized, so run on the codes greedy decoding follows
-    Hugging Face's float32 until the int8 rounding of the activations (as GGUF's own kernels do) tips a near tie.
-    Measured: [64, 28, 1, 12, 9, 34, 10, 7] tokens agree; the bound below allows little less."""
+def test_gguf_codes_agree_with_float32s_greedy_tokens(gguf_llm, prompts, hf_greedy):
+    """smollm2-135m's float32 weights are its Q4_1 file dequantized, so run on the codes the model differs from
+    Hugging Face's float32 only by the int8 rounding of its activations (as in GGUF's own kernels). Teacher-forced
+    along HF's greedy tokens, its own top-1 is HF's token at nearly every position (measured: 93.9% of 512, at 1
+    and 2 threads, HF's token never below rank 4). Free-running greedy tokens are no test: one flipped near-tie
+    changes the rest of the sequence, and which ties flip depends on float summation order (threads)."""
     layers = [m for m in gguf_llm.llm_engine.model_runner.paged_model.modules() if isinstance(m, PanelLinear)]
     assert len(layers) == 30 * 4 + 1 and {m.bits for m in layers} == {4, 8}  # Q4_1 layers, Q8_0 tied lm_head
     outputs = gguf_llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                SamplingParams(temperature=0, max_tokens=64, ignore_eos=True), use_tqdm=False)
-    agree = [next((i for i, (a, b) in enumerate(zip(o.outputs[0].token_ids, ref)) if a != b), 64)
-             for o, ref in zip(outputs, hf_greedy)]
-    assert sum(n >= 4 for n in agree) >= 6 and max(agree) == 64, agree
+                                [SamplingParams(temperature=0, logprobs=0, forced_token_ids=ref, ignore_eos=True,
+                                                max_tokens=len(ref)) for ref in hf_greedy], use_tqdm=False)
+    ranks = [o.outputs[0].logprobs[i][token].rank for o, ref in zip(outputs, hf_greedy) for i, token in enumerate(ref)]
+    assert sum(rank == 1 for rank in ranks) / len(ranks) >= 0.9 and max(ranks) <= 5, ranks
 
 
 def test_decode_steps_run_as_one_call_with_hfs_tokens(llm, prompts, hf_greedy, monkeypatch):

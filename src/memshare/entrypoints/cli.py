@@ -143,6 +143,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                                          "unrelated_other_requests": result.unrelated_other_requests}))
 
 
+def add_sampled_run_args(parser: argparse.ArgumentParser, max_tokens: int, unit: str) -> None:
+    """Sampling flags of the dataset runs (bench, eval), at the reasoning models' usual settings."""
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0, help=f"{unit} i samples with seed + i")
+
+
 def add_policy_args(parser: argparse.ArgumentParser, policies: str) -> None:
     """The share flags, which `--policies` specs (`policy:field=value`) start from."""
     add_share_args(parser)
@@ -296,10 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_policy_args(bench, "none,memshare")
     bench.set_defaults(kv_cache_memory="256MiB")
     bench.add_argument("--num-requests", type=int, default=64)
-    bench.add_argument("--max-tokens", type=int, default=512)
-    bench.add_argument("--temperature", type=float, default=0.6)
-    bench.add_argument("--top-p", type=float, default=0.95)
-    bench.add_argument("--seed", type=int, default=0, help="request i samples with seed + i")
+    add_sampled_run_args(bench, 512, "request")
     bench.add_argument("--out", type=Path, default=Path("results/bench"))
     bench.set_defaults(func=cmd_bench)
 
@@ -322,10 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--answer-field", default="answer", help="JSONL field holding the reference answer")
     ev.add_argument("--limit", type=int, default=None, help="the first N problems (default: all)")
     ev.add_argument("--samples", type=int, default=1, help="samples per problem; pass@1 averages them")
-    ev.add_argument("--temperature", type=float, default=0.6)
-    ev.add_argument("--top-p", type=float, default=0.95)
-    ev.add_argument("--max-tokens", type=int, default=1024)
-    ev.add_argument("--seed", type=int, default=0, help="problem i samples with seed + i")
+    add_sampled_run_args(ev, 1024, "problem")
     ev.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="appended to every problem")
     ev.add_argument("--out", type=Path, default=Path("results/eval"))
     ev.set_defaults(func=cmd_eval)

@@ -4,9 +4,8 @@ Every request is submitted at t=0 and sampled with its own seed; per policy the 
 KV blocks in use (peak and mean over engine steps), memory saved, preemptions, and TTFT / TPOT percentiles.
 """
 
-import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,9 @@ from matplotlib.figure import Figure
 
 from memshare.config import ShareConfig
 from memshare.engine.llm import LLM
-from memshare.eval.compare import plot_kv_blocks
+from memshare.eval.compare import plot_kv_blocks, write_results
 from memshare.eval.datasets import Problem, chat_prompt
-from memshare.eval.plots import new_figure, save_figure
+from memshare.eval.plots import new_figure
 from memshare.eval.policies import PolicySpec, engine_for, run_matched
 from memshare.outputs import RequestOutput
 from memshare.sampling_params import SamplingParams
@@ -122,8 +121,5 @@ def bench_figure(results: list[BenchResult], title: str) -> Figure:
 
 def save(results: list[BenchResult], out_dir: Path, title: str) -> tuple[Path, Path]:
     """Write bench.json and bench_kv_blocks.png (`bench_figure`)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / "bench.json", out_dir / "bench_kv_blocks.png"
-    json_path.write_text(json.dumps([asdict(r) for r in results], indent=1))
-    save_figure(bench_figure(results, title), png_path)
-    return json_path, png_path
+    return write_results(results, out_dir / "bench.json", bench_figure(results, title),
+                         out_dir / "bench_kv_blocks.png")

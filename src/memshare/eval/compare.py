@@ -107,10 +107,14 @@ def compare_figure(results: list[RunResult], title: str) -> Figure:
     return fig
 
 
+def write_results(results: list, json_path: Path, figure: Figure, png_path: Path) -> tuple[Path, Path]:
+    """Write `results` (dataclasses) as JSON and `figure` as a PNG beside it."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    save_figure(figure, png_path)
+    return json_path, png_path
+
+
 def save(results: list[RunResult], out_dir: Path, title: str) -> tuple[Path, Path]:
     """Write results.json and kv_blocks.png (`compare_figure`)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out_dir / "results.json", out_dir / "kv_blocks.png"
-    json_path.write_text(json.dumps([asdict(r) for r in results], indent=1))
-    save_figure(compare_figure(results, title), png_path)
-    return json_path, png_path
+    return write_results(results, out_dir / "results.json", compare_figure(results, title), out_dir / "kv_blocks.png")

@@ -79,8 +79,10 @@ class PagedLlamaForCausalLM(nn.Module):
 
     def _runs_stack(self, hidden: torch.Tensor, paged: PagedContext) -> bool:
         """Whether this step runs as one decode_layers call: single-token decodes only, on the CPU backend, float32
-        KV, panel weights, and no policy reading the queries."""
+        KV, panel weights, no policy reading the queries, and no profiler running (bench/decode_profile.py)."""
         if paged.metadata.prefills or paged.backend != "cpu" or paged.decode_queries is not None:
+            return False
+        if torch.autograd.profiler._is_profiler_enabled:  # the per-layer path names each kernel for the profiler
             return False
         if not kernel_applies(hidden) or paged.kv_cache.float32_planes() is None:
             return False
