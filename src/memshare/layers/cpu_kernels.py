@@ -136,7 +136,7 @@ static void decode_impl(const float* qp, float* op, const Plane& K, const Plane&
   std::vector<float> part_max(S > 1 ? B * items_per_seq * S * R : 0), part_sum(part_max.size()),
       part_out(part_max.size() * D);
   at::parallel_for(0, B * items_per_seq * S, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> score_buf, acc_buf(R * D), q_buf(R * D), row_buf(D);
+    std::vector<float> score_buf, acc_buf(R * D), q_buf(R * D), row_buf(D), row_max(R), row_sum(R);
     ChannelScales k_channels(heads_per_item, D), v_channels(heads_per_item, D);
     for (int64_t work = begin; work < end; ++work) {
       const int64_t item = work / S, split = work % S;
@@ -163,7 +163,8 @@ static void decode_impl(const float* qp, float* op, const Plane& K, const Plane&
           }
         }
       }
-      std::vector<float> row_max(R, -INFINITY), row_sum(R, 0.f);
+      std::fill(row_max.begin(), row_max.end(), -INFINITY);
+      std::fill(row_sum.begin(), row_sum.end(), 0.f);
       for (int64_t r = 0; r < R && n > 0; ++r) {
         float* s = scores + r * n;
         float m = s[0];

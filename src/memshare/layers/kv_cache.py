@@ -195,6 +195,9 @@ class KVCache:
         self.tail = TailPool(num_tail_blocks if fmt.needs_tail else 0, num_layers, num_blocks,
                              (block_size, num_kv_heads, head_dim), device)
         self._kernel_args: list[list] | None = None
+        # Every layer's K and V values in order where they are plain float32 (cpu_kernels' decode_layers writes them
+        # itself); None for every other format.
+        self.float32_planes = [p.codes for layer in self.layers for p in layer] if fmt.name == "float32" else None
 
     @property
     def num_layers(self) -> int:
@@ -267,13 +270,6 @@ class KVCache:
         pairs = [self.gather(layer, index.unsqueeze(0)) for layer in range(self.num_layers)]
         shape = (len(block_ids), self.block_size, self.num_kv_heads, self.head_dim)
         return (torch.stack([k.view(shape) for k, _ in pairs]), torch.stack([v.view(shape) for _, v in pairs]))
-
-    def float32_planes(self) -> list[torch.Tensor] | None:
-        """Every layer's K and V values in order, where they are stored as plain float32 (the fused decode step writes
-        them itself: cpu_kernels' decode_layers); None for every other format."""
-        if self.format.name != "float32":
-            return None
-        return [plane.codes for layer in self.layers for plane in layer]
 
     def kernel_args(self, layer: int) -> list:
         """The decode kernel's view of a layer: per plane codes, scale, zero, scale mode; then the lut and tails."""

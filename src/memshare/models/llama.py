@@ -7,6 +7,8 @@ with Q/K/V and gate/up fused into one GEMM each, the residual add fused into RMS
 the transformers modules.
 """
 
+from functools import cached_property
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -70,12 +72,20 @@ class PagedLlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(PagedDecoderLayer(layer) for layer in base.layers)
         # The fused copies replace the HF projections; dropping the HF layers keeps one copy of each weight.
         base.layers = nn.ModuleList()
-        self._stack: tuple[list[torch.Tensor], list[int]] | None = None
 
     @staticmethod
     def applies(model: PreTrainedModel) -> bool:
         """Whether a model of a Llama-family type (models/registry.py: LEAN_MODELS) has what this forward runs."""
         return model.config.hidden_act == "silu" and hasattr(model.model, "rotary_emb")
+
+    @cached_property
+    def _stack(self) -> tuple[list[torch.Tensor], list[int]] | None:
+        """Every layer's decode_layers weights and shapes, built on the first decode step; None unless every
+        projection is a panel layer."""
+        parts = [layer.stack_args() for layer in self.layers]
+        if any(part is None for part in parts):
+            return None
+        return [w for weights, _ in parts for w in weights], [s for _, shapes in parts for s in shapes]
 
     def _runs_stack(self, hidden: torch.Tensor, paged: PagedContext) -> bool:
         """Whether this step runs as one decode_layers call: single-token decodes only, on the CPU backend, float32
@@ -84,14 +94,7 @@ class PagedLlamaForCausalLM(nn.Module):
             return False
         if torch.autograd.profiler._is_profiler_enabled:  # the per-layer path names each kernel for the profiler
             return False
-        if not kernel_applies(hidden) or paged.kv_cache.float32_planes() is None:
-            return False
-        if self._stack is None:
-            parts = [layer.stack_args() for layer in self.layers]
-            if any(part is None for part in parts):
-                return False
-            self._stack = ([w for weights, _ in parts for w in weights], [s for _, shapes in parts for s in shapes])
-        return True
+        return kernel_applies(hidden) and paged.kv_cache.float32_planes is not None and self._stack is not None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logits_rows: torch.Tensor,
                 paged: PagedContext) -> torch.Tensor:
@@ -103,7 +106,7 @@ class PagedLlamaForCausalLM(nn.Module):
             first, meta = self.layers[0], paged.metadata
             hidden, residual = cpu_ops().decode_layers(
                 hidden, cos[0], sin[0], meta.slot_mapping, meta.decode_block_tables, meta.decode_context_lens,
-                weights, shapes, paged.kv_cache.float32_planes(), first.q_size // first.head_dim,
+                weights, shapes, paged.kv_cache.float32_planes, first.q_size // first.head_dim,
                 first.kv_size // first.head_dim, first.head_dim, first.eps, first.scale)
         else:
             residual = None
